@@ -1,0 +1,17 @@
+"""gpuloss: training losses as hand-written CUDA kernels, with Numba twins for the CPU.
+
+The public names are the loss functions of SPEC §2, ``Reduction``, the float64
+oracle ``reference`` and the layer graph (``Net``, solvers).
+"""
+from __future__ import annotations
+
+from . import reference
+from ._validate import Reduction
+from .losses import (absolute_difference, cosine_distance, huber, hinge, log_loss, mean_squared_error,
+                     sigmoid_cross_entropy, smooth_l1, softmax_cross_entropy, weighted_reduce)
+
+__version__ = "0.1.0"
+
+__all__ = ["Reduction", "reference", "softmax_cross_entropy", "sigmoid_cross_entropy", "log_loss",
+           "mean_squared_error", "absolute_difference", "huber", "smooth_l1", "hinge", "cosine_distance",
+           "weighted_reduce", "__version__"]

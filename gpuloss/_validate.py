@@ -1,0 +1,181 @@
+"""Argument checks and their error messages, written once (SPEC §7).
+
+Every message names the argument, what was expected and what came.  Nothing
+here copies or modifies an input array.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import numbers
+
+import numpy as np
+
+from .backends import BACKEND_NAMES, get_backend, is_cupy_array
+
+
+class Reduction(str, enum.Enum):
+    """How per-measurement losses become one number (SPEC §2.3).
+
+    The values are the strings the functions accept; the comments give the
+    names the same rule has elsewhere.
+    """
+
+    NONE = "none"
+    SUM = "sum"
+    MEAN = "mean"  # sum(L) / sum(w): PyTorch's weighted mean, TF's MEAN
+    SUM_OVER_BATCH_SIZE = "sum_over_batch_size"  # TF SUM_OVER_BATCH_SIZE, Caffe FULL
+    SUM_BY_NONZERO_WEIGHTS = "sum_by_nonzero_weights"  # TF SUM_BY_NONZERO_WEIGHTS, Caffe VALID
+    BATCH_SIZE = "batch_size"  # Caffe BATCH_SIZE
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def check_reduction(reduction) -> Reduction:
+    try:
+        return Reduction(reduction)
+    except ValueError:
+        choices = ", ".join(repr(r.value) for r in Reduction)
+        raise ValueError(f"reduction must be one of {choices}; got {reduction!r}") from None
+
+
+def _kind(a) -> str:
+    return f"{type(a).__module__.split('.')[0]}.{type(a).__name__}"
+
+
+def is_array(a) -> bool:
+    return isinstance(a, np.ndarray) or is_cupy_array(a)
+
+
+def check_array(name: str, a) -> None:
+    if not is_array(a):
+        raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray; got {_kind(a)}")
+
+
+def is_bfloat16(dtype) -> bool:
+    return getattr(dtype, "name", "") == "bfloat16"
+
+
+def is_float_dtype(dtype) -> bool:
+    """float16/32/64, and bfloat16 where the array type has one (ml_dtypes, CuPy)."""
+    dtype = np.dtype(dtype)
+    return (dtype.kind == "f" and dtype.itemsize in (2, 4, 8)) or is_bfloat16(dtype)
+
+
+def check_floating(name: str, a) -> None:
+    check_array(name, a)
+    if not is_float_dtype(a.dtype):
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64); "
+                        f"got {a.dtype}")
+
+
+def check_integer(name: str, a, why: str) -> None:
+    if np.dtype(a.dtype).kind not in "iu":
+        raise TypeError(f"{name} must have an integer dtype {why}; got {a.dtype}")
+
+
+def check_same_shape(name: str, a, other_name: str, other) -> None:
+    if tuple(a.shape) != tuple(other.shape):
+        raise ValueError(f"{name} must have the shape of {other_name} {tuple(other.shape)}; "
+                         f"got {tuple(a.shape)}")
+
+
+def normalize_axis(name: str, axis, ndim: int, what: str) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {_kind(axis)}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for {what} of rank {ndim} "
+                         f"(expected {-ndim} <= {name} < {ndim})")
+    return int(axis) % ndim
+
+
+def check_real(name: str, value, *, low=None, high=None, low_open=False) -> float:
+    """A finite Python float within [low, high] (or (low, high] with low_open)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {_kind(value)}")
+    value = float(value)
+    bad = not math.isfinite(value)
+    if low is not None:
+        bad |= value <= low if low_open else value < low
+    if high is not None:
+        bad |= value > high
+    if bad:
+        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
+        hi = "" if high is None else f" <= {high}"
+        raise ValueError(f"{name} must be a finite number with {lo}{name}{hi}; got {value!r}")
+    return value
+
+
+def array_module(named_arrays: dict, backend: str | None):
+    """Resolve the backend from the arrays (NumPy -> cpu, CuPy -> cuda) or ``backend=``.
+
+    Mixing NumPy and CuPy arrays is a TypeError naming the arguments on each side.
+    """
+    cupy_names = [n for n, a in named_arrays.items() if is_cupy_array(a)]
+    numpy_names = [n for n, a in named_arrays.items() if isinstance(a, np.ndarray)]
+    if cupy_names and numpy_names:
+        raise TypeError(f"arrays on different devices: {', '.join(cupy_names)} on the GPU (cupy) but "
+                        f"{', '.join(numpy_names)} on the host (numpy); move them to one device")
+    on_gpu = bool(cupy_names)
+    if backend is None:
+        import os
+
+        forced = os.environ.get("GPULOSS_BACKEND", "").strip().lower()
+        if on_gpu:
+            backend = "cuda"
+        elif forced in ("cpu", "emulated"):
+            backend = forced
+        else:
+            backend = "cpu"
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES} or None; got {backend!r}")
+    wants_gpu = backend == "cuda"
+    if wants_gpu != on_gpu:
+        names = ", ".join(cupy_names or numpy_names)
+        have = "cupy" if on_gpu else "numpy"
+        need = "cupy" if wants_gpu else "numpy"
+        raise TypeError(f"backend={backend!r} takes {need} arrays; got {have} arrays ({names})")
+    return get_backend(backend)
+
+
+def weight_layout(name: str, weight, loss_shape: tuple, xp, dtype):
+    """Express ``weight`` against the loss as ``(values, block)``: element ``i`` of the
+    flattened loss has weight ``values[i // block]`` (SPEC §2.3).
+
+    Accepted: None (all ones), a scalar, an array whose shape is a leading prefix
+    of the loss shape (TensorFlow's per-sample weights), or an array of the loss's
+    rank whose dims are 1 or equal (broadcast).  A prefix-shaped weight needs no
+    copy; only a broadcast along a non-trailing dim is materialised.
+    """
+    size = math.prod(loss_shape)
+    if weight is None:
+        return xp.ones(1, dtype=dtype), max(size, 1)
+    if isinstance(weight, numbers.Real) and not isinstance(weight, bool):
+        return xp.full(1, float(weight), dtype=dtype), max(size, 1)
+    if not is_array(weight):
+        raise TypeError(f"{name} must be None, a real number or an array; got {_kind(weight)}")
+    if not (is_float_dtype(weight.dtype) or np.dtype(weight.dtype).kind in "iub"):
+        raise TypeError(f"{name} must have a real dtype; got {weight.dtype}")
+    wshape = tuple(weight.shape)
+    if wshape == ():
+        return weight.reshape(1).astype(dtype), max(size, 1)
+    # Strip trailing size-1 dims of a same-rank weight: (N, 1) against (N, d) is per-sample.
+    core = wshape
+    if len(core) == len(loss_shape):
+        while core and core[-1] == 1 and loss_shape[len(core) - 1] != 1:
+            core = core[:-1]
+    if core == tuple(loss_shape[:len(core)]):
+        block = math.prod(loss_shape[len(core):])
+        values = weight.reshape(-1).astype(dtype, copy=False)
+        return values, max(block, 1)
+    if len(wshape) == len(loss_shape) and all(w in (1, s) for w, s in zip(wshape, loss_shape)):
+        values = xp.ascontiguousarray(xp.broadcast_to(weight, loss_shape)).reshape(-1).astype(dtype, copy=False)
+        return values, 1
+    raise ValueError(f"{name} of shape {wshape} does not fit the loss of shape {tuple(loss_shape)}: expected a "
+                     f"scalar, a leading prefix of {tuple(loss_shape)}, or a shape of rank {len(loss_shape)} whose "
+                     f"dims are 1 or equal to the loss's")
+
+
+def first_bad_position(shape: tuple, flat_index: int) -> tuple:
+    return tuple(int(i) for i in np.unravel_index(flat_index, shape)) if shape else ()

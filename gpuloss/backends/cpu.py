@@ -1,0 +1,300 @@
+"""The ``cpu`` backend: Numba kernels over NumPy arrays (SPEC §6, DESIGN §4).
+
+Each kernel here is the host twin of a CUDA kernel in ``kernels/``: same math,
+same weights, same order of reduction across rows.  Work is split into fixed
+rows or fixed-size chunks whatever the thread count, and the final sums run
+over those partials in a fixed order, so results are bitwise identical for
+any ``numba.set_num_threads``.  Sums over classes and chunks accumulate in
+float64 (at least the float32 SPEC §3 asks for).
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .._plan import CosinePlan, CrossEntropyPlan, ElementwisePlan, WeightedReducePlan
+from . import host
+
+# Elements per chunk of the element-wise kernels: the unit of parallel work and of
+# the deterministic partial sums (big enough to amortise scheduling, small enough
+# to balance two to sixteen threads).
+CHUNK = 16384
+
+# Element-wise loss ids, shared by the kernel below and ElementwisePlan.loss names.
+_KIND = {"identity": 0, "sigmoid_cross_entropy": 1, "log_loss": 2, "mean_squared_error": 3,
+         "absolute_difference": 4, "huber": 5, "smooth_l1": 6, "hinge": 7}
+
+
+@njit(inline="always")
+def _sign(d):
+    if d != d:  # NaN in, NaN out: a NaN element never gets a silent gradient of 0
+        return d
+    return (d > 0) - (d < 0)
+
+
+@njit(inline="always")
+def _elementwise_loss(kind, x, t, param, pos_weight, one, zero):
+    """(loss, d loss / d x) of one element; ``one`` is 1 in the compute dtype. Mirrors kernels/elementwise.cu."""
+    if kind == 0:  # identity: weighted_reduce
+        return x, one
+    if kind == 1:  # sigmoid cross entropy; t' = t (1 - eps) + eps/2 (TF label smoothing)
+        ts = t * (one - param) + 0.5 * param
+        softplus_abs = math.log1p(math.exp(-abs(x)))  # log(1 + e^-|x|), never overflows
+        # sigmoid(x) from e^-|x| without overflow
+        e = math.exp(-abs(x))
+        sig = one / (one + e) if x >= 0 else e / (one + e)
+        if pos_weight == one:
+            return (x if x > 0 else zero) - x * ts + softplus_abs, sig - ts
+        # PyTorch BCEWithLogitsLoss with pos_weight p: (1-t) x + (1 + (p-1) t) softplus(-x)
+        coef = one + (pos_weight - one) * ts
+        return (one - ts) * x + coef * (softplus_abs + (zero if x > 0 else -x)), (one - ts) + coef * (sig - one)
+    if kind == 2:  # log loss (TF losses.log_loss), param = epsilon
+        return (-t * math.log(x + param) - (one - t) * math.log(one - x + param),
+                -t / (x + param) + (one - t) / (one - x + param))
+    d = x - t
+    if kind == 3:
+        return d * d, 2 * d
+    if kind == 4:
+        return abs(d), one * _sign(d)
+    if kind == 5:  # huber, param = delta (TF huber_loss)
+        a = abs(d)
+        if a <= param:
+            return 0.5 * d * d, d
+        return param * (a - 0.5 * param), param * _sign(d)
+    if kind == 6:  # smooth L1, param = beta (PyTorch SmoothL1Loss; beta = 0 is L1)
+        a = abs(d)
+        if a < param:
+            return 0.5 * d * d / param, d / param
+        return a - 0.5 * param, one * _sign(d)
+    # hinge (TF hinge_loss): y = 2t - 1, max(0, 1 - y x)
+    y = 2 * t - one
+    margin = one - y * x
+    if margin > 0 or margin != margin:
+        return margin, -y if margin > 0 else margin
+    return zero, zero
+
+
+@njit(parallel=True, cache=True)
+def _elementwise_kernel(kind, x, t, w_values, w_block, pos_weight, pw_period, param, grad_scale,
+                        want_loss, want_grad, loss_out, grad_out, partials):
+    """Per element i: L = w[i // w_block] * l(x, t); grad = grad_scale * w * dl/dx.
+
+    Writes L (if want_loss), grad (if want_grad) and one float64 partial sum of L per CHUNK.
+    """
+    n = x.size
+    zero = param - param  # 0 and 1 in the compute dtype (param is finite)
+    one = zero + 1
+    for c in prange(partials.size):
+        lo = c * CHUNK
+        hi = min(n, lo + CHUNK)
+        acc = 0.0
+        i = lo
+        while i < hi:  # walk the chunk one weight segment at a time: no division per element
+            b = i // w_block
+            seg_hi = min(hi, (b + 1) * w_block)
+            w = w_values[b]
+            g = grad_scale * w
+            for j in range(i, seg_hi):
+                p = pos_weight[j % pw_period] if pw_period > 0 else one
+                l, dl = _elementwise_loss(kind, x[j], t[j], param, p, one, zero)
+                wl = w * l
+                acc += wl
+                if want_loss:
+                    loss_out[j] = wl
+                if want_grad:
+                    grad_out[j] = g * dl
+            i = seg_hi
+        partials[c] = acc
+
+
+@njit(inline="always")
+def _row_max_and_log_sum_exp(x, n, classes):
+    """Row max m and log(sum_c exp(x_c - m)); a NaN anywhere gives NaN, an all -inf row NaN."""
+    m = x[n, 0]
+    for c in range(1, classes):
+        v = x[n, c]
+        if v > m or v != v:
+            m = v
+    s = 0.0
+    for c in range(classes):
+        s += math.exp(x[n, c] - m)
+    return m, math.log(s)
+
+
+@njit(parallel=True, cache=True)
+def _xent_index_kernel(x, y, w_row, class_weight, ignore_index, eps, grad_scale, want_grad, loss_out, grad_out):
+    """Cross entropy with class-index targets, one row per iteration (twin of kernels/xent.cu).
+
+    l = (1-eps) cw[y] (-logp_y) + eps/C sum_c cw[c] (-logp_c)   (PyTorch CrossEntropyLoss docs)
+    dl/dx_j = (1-eps) cw[y] (p_j - [j=y]) + eps/C (sum(cw) p_j - cw_j)
+    -logp_c is formed as (m - x_c) + log(s) so that |logits| ~ 1e4 lose no digits.
+    """
+    rows, classes = x.shape
+    cw_sum = 0.0
+    for c in range(classes):
+        cw_sum += class_weight[c]
+    smooth_coef = eps / classes
+    for n in prange(rows):
+        yn = y[n]
+        if yn == ignore_index:
+            loss_out[n] = 0.0
+            if want_grad:
+                for c in range(classes):
+                    grad_out[n, c] = 0.0
+            continue
+        m, log_s = _row_max_and_log_sum_exp(x, n, classes)
+        if yn < 0 or yn >= classes:  # only reached with validate=False: NaN, and no read out of bounds
+            loss_out[n] = np.nan
+            if want_grad:
+                for c in range(classes):
+                    grad_out[n, c] = np.nan
+            continue
+        cw_y = class_weight[yn]
+        loss = (1.0 - eps) * cw_y * ((m - x[n, yn]) + log_s)
+        if eps != 0.0:
+            smooth = 0.0
+            for c in range(classes):
+                smooth += class_weight[c] * ((m - x[n, c]) + log_s)
+            loss += smooth_coef * smooth
+        loss_out[n] = w_row[n] * loss
+        if want_grad:
+            g = grad_scale * w_row[n]
+            a = g * (1.0 - eps) * cw_y
+            b = g * smooth_coef
+            for c in range(classes):
+                p = math.exp((x[n, c] - m) - log_s)
+                grad_out[n, c] = (a + b * cw_sum) * p - b * class_weight[c]
+            grad_out[n, yn] -= a
+
+
+@njit(parallel=True, cache=True)
+def _xent_prob_kernel(x, t, w_row, class_weight, eps, grad_scale, want_grad, loss_out, grad_out):
+    """Cross entropy with probability targets t' = (1-eps) t + eps/C:
+    l = -sum_c cw_c t'_c logp_c,   dl/dx_j = p_j sum_c cw_c t'_c - cw_j t'_j."""
+    rows, classes = x.shape
+    uniform = eps / classes
+    for n in prange(rows):
+        m, log_s = _row_max_and_log_sum_exp(x, n, classes)
+        loss = 0.0
+        mass = 0.0
+        for c in range(classes):
+            wt = class_weight[c] * ((1.0 - eps) * t[n, c] + uniform)
+            loss += wt * ((m - x[n, c]) + log_s)
+            mass += wt
+        loss_out[n] = w_row[n] * loss
+        if want_grad:
+            g = grad_scale * w_row[n]
+            for c in range(classes):
+                wt = class_weight[c] * ((1.0 - eps) * t[n, c] + uniform)
+                p = math.exp((x[n, c] - m) - log_s)
+                grad_out[n, c] = g * (p * mass - wt)
+
+
+@njit(parallel=True, cache=True)
+def _cosine_kernel(p, t, w_row, grad_scale, want_grad, loss_out, grad_out):
+    """l = 1 - sum_k p_k t_k per row (TF cosine_distance); dl/dp_k = -t_k."""
+    rows, length = p.shape
+    for n in prange(rows):
+        dot = 0.0
+        for k in range(length):
+            dot += p[n, k] * t[n, k]
+        loss_out[n] = w_row[n] * (1.0 - dot)
+        if want_grad:
+            g = -grad_scale * w_row[n]
+            for k in range(length):
+                grad_out[n, k] = g * t[n, k]
+
+
+def _scalar(value, dtype):
+    return np.dtype(dtype).type(value)
+
+
+class CpuBackend:
+    """NumPy arrays in and out; the work runs in the Numba kernels above."""
+
+    name = "cpu"
+    xp = np
+
+    def cross_entropy(self, plan: CrossEntropyPlan, logits, target, w_values, class_weight):
+        dt = plan.dtypes
+        x = host.rows_last(logits, plan.outer, plan.classes, plan.inner, dt.compute)
+        rows = plan.rows
+        w_row = host.per_row(w_values, plan.reduce.weight_block, rows)
+        cw = class_weight if class_weight is not None else np.ones(plan.classes, dt.compute)
+        loss_rows = np.empty(rows, dt.compute)
+        grad = np.empty((rows, plan.classes) if plan.return_grad else (0, 0), dt.compute)
+        if plan.index_target:
+            y = np.ascontiguousarray(target.reshape(-1)).astype(np.int64, copy=False)
+            if plan.validate:
+                host.check_class_targets(target, plan.classes, plan.ignore_index)
+            denom = host.denominator(plan.reduce, w_meas=host.index_target_weights(y, w_row, cw, plan.ignore_index))
+            scale = float(host.inverse(denom))
+            _xent_index_kernel(x, y, w_row, cw, plan.ignore_index, _scalar(plan.label_smoothing, dt.compute),
+                               _scalar(scale, dt.compute), plan.return_grad, loss_rows, grad)
+        else:
+            t = host.rows_last(target, plan.outer, plan.classes, plan.inner, dt.compute)
+            denom = host.denominator(plan.reduce, w_values=w_values)
+            scale = float(host.inverse(denom))
+            _xent_prob_kernel(x, t, w_row, cw, _scalar(plan.label_smoothing, dt.compute),
+                              _scalar(scale, dt.compute), plan.return_grad, loss_rows, grad)
+        loss = host.finish_rows(plan.reduce, loss_rows, denom, dt)
+        if not plan.return_grad:
+            return loss, None
+        return loss, host.rows_back(grad, logits.shape, plan.outer, plan.classes, plan.inner, dt.input)
+
+    def elementwise(self, plan: ElementwisePlan, pred, target, w_values, pos_weight):
+        dt = plan.dtypes
+        x = np.ascontiguousarray(pred.reshape(-1)).astype(dt.compute, copy=False)
+        t = np.ascontiguousarray(target.reshape(-1)).astype(dt.compute, copy=False)
+        pw = np.ones(1, dt.compute) if pos_weight is None else pos_weight
+        return self._run_elementwise(plan.loss, plan.reduce, dt, x, t, w_values, pw, plan.pos_weight_period,
+                                     plan.param, plan.return_grad, pred.shape)
+
+    def weighted_reduce(self, plan: WeightedReducePlan, values, w_values):
+        dt = plan.dtypes
+        x = np.ascontiguousarray(values.reshape(-1)).astype(dt.compute, copy=False)
+        loss, _ = self._run_elementwise("identity", plan.reduce, dt, x, x, w_values, np.ones(1, dt.compute), 0,
+                                        0.0, False, values.shape)
+        return loss
+
+    def _run_elementwise(self, kind, reduce, dt, x, t, w_values, pw, pw_period, param, return_grad, shape):
+        size = x.size
+        want_loss = reduce.reduction == "none"
+        denom = host.denominator(reduce, w_values=w_values)
+        scale = float(host.inverse(denom))
+        loss_out = np.empty(size if want_loss else 0, dt.compute)
+        grad = np.empty(size if return_grad else 0, dt.compute)
+        partials = np.empty(math.ceil(size / CHUNK), np.float64)
+        _elementwise_kernel(_KIND[kind], x, t, w_values, reduce.weight_block, pw, pw_period,
+                            _scalar(param, dt.compute), _scalar(scale, dt.compute), want_loss, return_grad,
+                            loss_out, grad, partials)
+        if want_loss:
+            loss = loss_out.reshape(reduce.loss_shape).astype(dt.loss, copy=False)
+        else:
+            loss = host.reduced(np.sum(partials), denom, dt)
+        return loss, (grad.reshape(shape).astype(dt.input, copy=False) if return_grad else None)
+
+    def cosine_distance(self, plan: CosinePlan, pred, target, w_values):
+        dt = plan.dtypes
+        p = host.rows_last(pred, plan.outer, plan.length, plan.inner, dt.compute)
+        t = host.rows_last(target, plan.outer, plan.length, plan.inner, dt.compute)
+        w_row = host.per_row(w_values, plan.reduce.weight_block, plan.rows)
+        denom = host.denominator(plan.reduce, w_values=w_values)
+        scale = float(host.inverse(denom))
+        loss_rows = np.empty(plan.rows, dt.compute)
+        grad = np.empty(p.shape if plan.return_grad else (0, 0), dt.compute)
+        _cosine_kernel(p, t, w_row, _scalar(scale, dt.compute), plan.return_grad, loss_rows, grad)
+        loss = host.finish_rows(plan.reduce, loss_rows, denom, dt)
+        if not plan.return_grad:
+            return loss, None
+        return loss, host.rows_back(grad, pred.shape, plan.outer, plan.length, plan.inner, dt.input)
+
+
+def set_threads(n: int) -> None:
+    numba.set_num_threads(n)
+
+
+BACKEND = CpuBackend()

@@ -1,0 +1,184 @@
+"""Float64 NumPy rendering of every formula in SPEC §2: the oracle of the tests.
+
+Each function takes the arguments of its namesake in ``gpuloss`` (NumPy arrays,
+valid input assumed) and returns ``(loss, grad)`` in float64, where ``grad`` is
+the derivative of the returned loss (of its sum for reduction "none") with
+respect to the first argument, written from the closed form.  Clarity over
+speed: nothing here is fused or clever, so a reader can check it against the
+spec line by line.  Usable by anyone: ``from gpuloss import reference``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["softmax_cross_entropy", "sigmoid_cross_entropy", "log_loss", "mean_squared_error",
+           "absolute_difference", "huber", "smooth_l1", "hinge", "cosine_distance", "weighted_reduce",
+           "broadcast_weight"]
+
+
+def _f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def broadcast_weight(weight, loss_shape) -> np.ndarray:
+    """SPEC §2.3: scalar, leading-prefix shape, or same-rank broadcast -> full loss shape."""
+    if weight is None:
+        return np.ones(loss_shape)
+    w = _f64(weight)
+    if w.ndim <= len(loss_shape) and w.shape == tuple(loss_shape[:w.ndim]):
+        w = w.reshape(w.shape + (1,) * (len(loss_shape) - w.ndim))
+    return np.broadcast_to(w, loss_shape)
+
+
+def _reduce(L, w, reduction, grad_of_L=None):
+    """Reduce weighted losses L with per-measurement weights w; scale dL/dx (if given) to match."""
+    L = _f64(L)
+    if reduction == "none":
+        return L, grad_of_L
+    if reduction == "sum":
+        denom = 1.0
+    elif reduction == "mean":
+        denom = float(np.sum(w))
+    elif reduction == "sum_over_batch_size":
+        denom = float(L.size)
+    elif reduction == "sum_by_nonzero_weights":
+        denom = float(np.count_nonzero(w))
+    elif reduction == "batch_size":
+        denom = float(L.shape[0]) if L.ndim else 1.0
+    else:
+        raise ValueError(f"unknown reduction {reduction!r}")
+    if denom == 0.0:  # SPEC §2.3: nothing to average -> 0 loss, 0 grad
+        return np.float64(0.0), None if grad_of_L is None else np.zeros_like(grad_of_L)
+    return np.float64(np.sum(L) / denom), None if grad_of_L is None else grad_of_L / denom
+
+
+def _log_softmax(x, axis):
+    m = np.max(x, axis=axis, keepdims=True)
+    # An all -inf row has max -inf: shift by 0 so it gives NaN like the kernels, not -inf - -inf early.
+    m = np.where(m == -np.inf, 0.0, m)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lse = m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+        return x - lse
+
+
+def softmax_cross_entropy(logits, target, *, axis=-1, weight=None, class_weight=None, ignore_index=-100,
+                          label_smoothing=0.0, reduction="mean"):
+    x = np.moveaxis(_f64(logits), axis, -1)
+    C = x.shape[-1]
+    eps = float(label_smoothing)
+    cw = np.ones(C) if class_weight is None else _f64(class_weight)
+    w_sample = broadcast_weight(weight, x.shape[:-1])
+    with np.errstate(invalid="ignore", over="ignore"):
+        logp = _log_softmax(x, -1)
+        p = np.exp(logp)
+        if np.issubdtype(np.asarray(target).dtype, np.integer):
+            y = np.asarray(target)
+            valid = y != ignore_index
+            ys = np.where(valid, y, 0)
+            onehot = np.eye(C)[ys]
+            # PyTorch CrossEntropyLoss docs: l = (1-eps) * cw[y] * -logp[y] + eps/C * sum_c cw[c] * -logp[c]
+            nll = -np.take_along_axis(logp, ys[..., None], -1)[..., 0]
+            smooth = -np.sum(cw * logp, axis=-1) if eps else 0.0
+            l = (1 - eps) * cw[ys] * nll + (eps / C) * smooth
+            l = np.where(valid, l, 0.0)
+            w_meas = np.where(valid, w_sample * cw[ys], 0.0)
+            # d l / d x_j = (1-eps) cw[y] (p_j - [j=y]) + eps/C (sum(cw) p_j - cw_j)
+            dl = (1 - eps) * cw[ys][..., None] * (p - onehot) + (eps / C) * (np.sum(cw) * p - cw)
+            dl = np.where(valid[..., None], dl, 0.0)
+        else:
+            t = np.moveaxis(_f64(target), axis, -1)
+            ts = (1 - eps) * t + eps / C
+            l = -np.sum(cw * ts * logp, axis=-1)
+            w_meas = w_sample
+            # d l / d x_j = p_j sum_c cw_c t'_c - cw_j t'_j
+            dl = p * np.sum(cw * ts, axis=-1, keepdims=True) - cw * ts
+        L = w_sample * l
+        grad = w_sample[..., None] * dl
+    loss, grad = _reduce(L, w_meas, reduction, grad)
+    return loss, np.moveaxis(grad, -1, axis)
+
+
+def _elementwise(l, dl, weight, reduction):
+    w = broadcast_weight(weight, l.shape)
+    with np.errstate(invalid="ignore"):
+        return _reduce(w * l, w, reduction, w * dl)
+
+
+def sigmoid_cross_entropy(logits, target, *, weight=None, pos_weight=None, label_smoothing=0.0,
+                          reduction="mean"):
+    x, t = _f64(logits), _f64(target)
+    eps = float(label_smoothing)
+    t = t * (1 - eps) + 0.5 * eps  # TF sigmoid_cross_entropy label smoothing
+    with np.errstate(over="ignore", invalid="ignore"):
+        softplus_neg = np.log1p(np.exp(-np.abs(x))) + np.maximum(-x, 0)  # -log(sigmoid(x))
+        sig = 0.5 * (1 + np.tanh(0.5 * x))  # sigmoid without overflow
+        if pos_weight is None:
+            l = np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))
+            dl = sig - t
+        else:
+            # torch BCEWithLogitsLoss: (1-t) x + (1 + (p-1) t) softplus(-x); d softplus(-x)/dx = sig - 1
+            pw = np.broadcast_to(_f64(pos_weight), x.shape)
+            coef = 1 + (pw - 1) * t
+            l = (1 - t) * x + coef * softplus_neg
+            dl = (1 - t) + coef * (sig - 1)
+    return _elementwise(l, dl, weight, reduction)
+
+
+def log_loss(probs, target, *, epsilon=1e-7, weight=None, reduction="mean"):
+    p, t = _f64(probs), _f64(target)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l = -t * np.log(p + epsilon) - (1 - t) * np.log(1 - p + epsilon)
+        dl = -t / (p + epsilon) + (1 - t) / (1 - p + epsilon)
+    return _elementwise(l, dl, weight, reduction)
+
+
+def mean_squared_error(pred, target, *, weight=None, reduction="mean"):
+    d = _f64(pred) - _f64(target)
+    return _elementwise(d * d, 2 * d, weight, reduction)
+
+
+def absolute_difference(pred, target, *, weight=None, reduction="mean"):
+    d = _f64(pred) - _f64(target)
+    return _elementwise(np.abs(d), np.sign(d), weight, reduction)
+
+
+def huber(pred, target, *, delta=1.0, weight=None, reduction="mean"):
+    d = _f64(pred) - _f64(target)
+    a = np.abs(d)
+    quadratic = a <= delta
+    l = np.where(quadratic, 0.5 * d * d, delta * (a - 0.5 * delta))
+    dl = np.where(quadratic, d, delta * np.sign(d))
+    return _elementwise(l, dl, weight, reduction)
+
+
+def smooth_l1(pred, target, *, beta=1.0, weight=None, reduction="mean"):
+    d = _f64(pred) - _f64(target)
+    a = np.abs(d)
+    quadratic = a < beta  # never true for beta = 0: pure L1, as PyTorch
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l = np.where(quadratic, 0.5 * d * d / beta, a - 0.5 * beta)
+        dl = np.where(quadratic, d / beta, np.sign(d))
+    return _elementwise(l, dl, weight, reduction)
+
+
+def hinge(logits, target, *, weight=None, reduction="mean"):
+    x, t = _f64(logits), _f64(target)
+    y = 2 * t - 1  # TF hinge_loss: labels {0, 1} -> {-1, 1}
+    margin = 1 - y * x
+    dl = np.where(margin > 0, -y, np.where(np.isnan(margin), np.nan, 0.0))
+    return _elementwise(np.maximum(0, margin), dl, weight, reduction)
+
+
+def cosine_distance(pred, target, *, axis=-1, weight=None, reduction="mean"):
+    p, t = _f64(pred), _f64(target)
+    l = 1 - np.sum(p * t, axis=axis, keepdims=True)  # TF cosine_distance: inputs assumed unit-normalised
+    w = broadcast_weight(weight, l.shape)
+    loss, gscale = _reduce(w * l, w, reduction, -w * np.ones_like(l))
+    return loss, gscale * t
+
+
+def weighted_reduce(values, weight=None, reduction="mean"):
+    v = _f64(values)
+    w = broadcast_weight(weight, v.shape)
+    loss, _ = _reduce(w * v, w, reduction)
+    return loss, None
