@@ -72,9 +72,13 @@ static_assert(sizeof(int64_t) == 8 && sizeof(uint16_t) == 2, "fixed-width typede
 // int32 since C itself fits (SPEC: C <= 262144).
 typedef int64_t index_t;
 
-constexpr int kWarpSize = 32;
-constexpr unsigned int kFullMask = 0xffffffffu;
-constexpr int kMaxWarps = 32;  // 1024 threads / 32: size of block_reduce scratch
+// Enumerators, not constexpr variables: NVRTC emits a namespace-scope
+// constexpr as a .global symbol in every module.
+enum : int {
+  kWarpSize = 32,
+  kMaxWarps = 32,  // 1024 threads / 32: size of block_reduce scratch
+};
+enum : unsigned int { kFullMask = 0xffffffffu };
 
 // ---------------------------------------------------------------------------
 // Bit casts. Device: the CUDA intrinsics (single moves). Host: the builtin
@@ -240,3 +244,225 @@ GPULOSS_DEVICE float double_to_float_round_odd(double d) {
   return float_from_bits(bits | 1u);
 }
 
+
+// ---------------------------------------------------------------------------
+// Typed load/store layer: kernels are templates over the storage type T and
+// compute in acc_t<T>: float for 16/32-bit storage, double for double (SPEC §3).
+// f16_t / bf16_t are one-word structs, so a pointer to them has the layout of
+// a CuPy/NumPy float16 (or bfloat16) array.
+template <class T> struct storage;
+
+template <> struct storage<float> {
+  typedef float acc;
+  static GPULOSS_DEVICE float to_float(float v) { return v; }
+  static GPULOSS_DEVICE double to_double(float v) { return (double)v; }
+  static GPULOSS_DEVICE float from_float(float v) { return v; }
+  static GPULOSS_DEVICE float from_double(double v) { return (float)v; }
+  static GPULOSS_DEVICE acc to_acc(float v) { return v; }
+  static GPULOSS_DEVICE float from_acc(acc v) { return v; }
+};
+
+template <> struct storage<double> {
+  typedef double acc;
+  static GPULOSS_DEVICE float to_float(double v) { return (float)v; }
+  static GPULOSS_DEVICE double to_double(double v) { return v; }
+  static GPULOSS_DEVICE double from_float(float v) { return (double)v; }
+  static GPULOSS_DEVICE double from_double(double v) { return v; }
+  static GPULOSS_DEVICE acc to_acc(double v) { return v; }
+  static GPULOSS_DEVICE double from_acc(acc v) { return v; }
+};
+
+template <> struct storage<f16_t> {
+  typedef float acc;
+  static GPULOSS_DEVICE float to_float(f16_t v) { return half_bits_to_float(v.bits); }
+  static GPULOSS_DEVICE double to_double(f16_t v) { return (double)half_bits_to_float(v.bits); }
+  static GPULOSS_DEVICE f16_t from_float(float v) { f16_t r; r.bits = float_to_half_bits(v); return r; }
+  static GPULOSS_DEVICE f16_t from_double(double v) {
+    f16_t r; r.bits = float_to_half_bits(double_to_float_round_odd(v)); return r;
+  }
+  static GPULOSS_DEVICE acc to_acc(f16_t v) { return to_float(v); }
+  static GPULOSS_DEVICE f16_t from_acc(acc v) { return from_float(v); }
+};
+
+template <> struct storage<bf16_t> {
+  typedef float acc;
+  static GPULOSS_DEVICE float to_float(bf16_t v) { return bf16_bits_to_float(v.bits); }
+  static GPULOSS_DEVICE double to_double(bf16_t v) { return (double)bf16_bits_to_float(v.bits); }
+  static GPULOSS_DEVICE bf16_t from_float(float v) { bf16_t r; r.bits = float_to_bf16_bits(v); return r; }
+  static GPULOSS_DEVICE bf16_t from_double(double v) {
+    bf16_t r; r.bits = float_to_bf16_bits(double_to_float_round_odd(v)); return r;
+  }
+  static GPULOSS_DEVICE acc to_acc(bf16_t v) { return to_float(v); }
+  static GPULOSS_DEVICE bf16_t from_acc(acc v) { return from_float(v); }
+};
+
+template <class T> using acc_t = typename storage<T>::acc;
+
+template <class T> GPULOSS_DEVICE float load_as_float(const T* p, index_t i) { return storage<T>::to_float(p[i]); }
+template <class T> GPULOSS_DEVICE double load_as_double(const T* p, index_t i) { return storage<T>::to_double(p[i]); }
+template <class T> GPULOSS_DEVICE acc_t<T> load_as_acc(const T* p, index_t i) { return storage<T>::to_acc(p[i]); }
+template <class T> GPULOSS_DEVICE void store_from_float(T* p, index_t i, float v) { p[i] = storage<T>::from_float(v); }
+template <class T> GPULOSS_DEVICE void store_from_double(T* p, index_t i, double v) { p[i] = storage<T>::from_double(v); }
+template <class T> GPULOSS_DEVICE void store_from_acc(T* p, index_t i, acc_t<T> v) { p[i] = storage<T>::from_acc(v); }
+
+// ---------------------------------------------------------------------------
+// Math in the accumulation type: gl::exp(x) is expf for float and exp for
+// double, so a template never silently computes a float in double (slow) or
+// a double in float (wrong). The ::functions are NVRTC builtins / <cmath>.
+GPULOSS_DEVICE float exp(float x) { return ::expf(x); }
+GPULOSS_DEVICE double exp(double x) { return ::exp(x); }
+GPULOSS_DEVICE float log(float x) { return ::logf(x); }
+GPULOSS_DEVICE double log(double x) { return ::log(x); }
+GPULOSS_DEVICE float log1p(float x) { return ::log1pf(x); }
+GPULOSS_DEVICE double log1p(double x) { return ::log1p(x); }
+
+// max that propagates NaN (fmaxf drops it): SPEC §3 wants a NaN in a row to
+// reach that row's loss, never a silent number.
+template <class A> GPULOSS_DEVICE A max_nan(A a, A b) { return (a > b || is_nan(a)) ? a : b; }
+template <class A> GPULOSS_DEVICE A min_nan(A a, A b) { return (a < b || is_nan(a)) ? a : b; }
+
+// ---------------------------------------------------------------------------
+// Online softmax (Milakov & Gimelshein 2018, arXiv 1805.02867, Algorithms 3-4):
+// one pass keeps the running max and the sum of exp(x - max); two partial
+// states (m1, s1), (m2, s2) combine as m = max(m1, m2),
+// s = s1 * exp(m1 - m) + s2 * exp(m2 - m).
+// Infinities: a part whose max equals the total max is scaled by exactly 1
+// instead of exp(m_i - m). For finite maxima that is the same number
+// (exp(0) == 1); for a row of -inf (masked classes) or a +inf logit it avoids
+// exp(-inf - -inf) = exp(inf - inf) = NaN. The state is an aggregate so it
+// can live in __shared__ memory.
+template <class A> struct SoftmaxState {
+  A max;  // running maximum (-inf when nothing seen)
+  A sum;  // sum of exp(x - max) over the elements seen
+};
+
+template <class A> GPULOSS_DEVICE SoftmaxState<A> softmax_empty() {
+  SoftmaxState<A> st; st.max = neg_inf<A>(); st.sum = A(0); return st;
+}
+
+// exp(m_part - m_total), taken as 1 when they are equal (infinities).
+template <class A> GPULOSS_DEVICE A softmax_scale(A m_part, A m_total) {
+  return m_part == m_total ? A(1) : gl::exp(m_part - m_total);
+}
+
+// Add one element: one exp per element, not two (the branch picks which
+// side gets rescaled). A NaN element makes max and sum NaN.
+template <class A> GPULOSS_DEVICE void softmax_update(SoftmaxState<A>& st, A x) {
+  if (x > st.max) {
+    st.sum = st.sum * softmax_scale(st.max, x) + A(1);
+    st.max = x;
+  } else if (!is_nan(x)) {
+    st.sum += softmax_scale(x, st.max);
+  } else {
+    st.max = x;
+    st.sum = x;
+  }
+}
+
+template <class A> GPULOSS_DEVICE SoftmaxState<A> softmax_combine(SoftmaxState<A> a, SoftmaxState<A> b) {
+  SoftmaxState<A> r;
+  r.max = max_nan(a.max, b.max);
+  r.sum = a.sum * softmax_scale(a.max, r.max) + b.sum * softmax_scale(b.max, r.max);
+  return r;
+}
+
+// log(sum_i exp(x_i)): -inf for an empty or all -inf row, +inf with a +inf
+// element, NaN with a NaN element.
+template <class A> GPULOSS_DEVICE A softmax_logsumexp(SoftmaxState<A> st) { return st.max + gl::log(st.sum); }
+
+// ---------------------------------------------------------------------------
+// Warp and block reductions.
+//
+// Determinism (SPEC §3): the butterfly pairs lanes in a fixed pattern, and
+// both partners evaluate op(lower lane's value, upper lane's value), so every
+// lane ends with bitwise the same result even for a non-commutative combine
+// (softmax_combine is not bitwise symmetric once a*b + c*d is contracted to
+// an fma). The block step reduces the per-warp results in warp order. The
+// result depends on blockDim.x, so launchers must pick it from the shape
+// only, never from timing.
+struct SumOp {
+  template <class V> GPULOSS_DEVICE V operator()(V a, V b) const { return a + b; }
+};
+struct MaxOp {
+  template <class V> GPULOSS_DEVICE V operator()(V a, V b) const { return max_nan(a, b); }
+};
+struct SoftmaxOp {
+  template <class A> GPULOSS_DEVICE SoftmaxState<A> operator()(SoftmaxState<A> a, SoftmaxState<A> b) const {
+    return softmax_combine(a, b);
+  }
+};
+
+GPULOSS_DEVICE float shfl_xor(float v, int lane_mask) { return __shfl_xor_sync(kFullMask, v, lane_mask); }
+GPULOSS_DEVICE double shfl_xor(double v, int lane_mask) { return __shfl_xor_sync(kFullMask, v, lane_mask); }
+GPULOSS_DEVICE int shfl_xor(int v, int lane_mask) { return __shfl_xor_sync(kFullMask, v, lane_mask); }
+GPULOSS_DEVICE unsigned int shfl_xor(unsigned int v, int lane_mask) { return __shfl_xor_sync(kFullMask, v, lane_mask); }
+GPULOSS_DEVICE long long shfl_xor(long long v, int lane_mask) { return __shfl_xor_sync(kFullMask, v, lane_mask); }
+template <class A> GPULOSS_DEVICE SoftmaxState<A> shfl_xor(SoftmaxState<A> st, int lane_mask) {
+  st.max = shfl_xor(st.max, lane_mask);
+  st.sum = shfl_xor(st.sum, lane_mask);
+  return st;
+}
+
+GPULOSS_DEVICE int lane_id() { return (int)(threadIdx.x & (kWarpSize - 1)); }
+GPULOSS_DEVICE int warp_id() { return (int)(threadIdx.x / kWarpSize); }
+
+// Reduce over groups of `width` consecutive lanes (a power of two <= 32;
+// 32 = the whole warp). Every lane of the warp must call it (full mask);
+// every lane of a group receives the group's result.
+template <class V, class Op> GPULOSS_DEVICE V warp_reduce(V v, Op op, int width = kWarpSize) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    if (offset < width) {
+      const V other = shfl_xor(v, offset);
+      v = (lane & offset) ? op(other, v) : op(v, other);
+    }
+  }
+  return v;
+}
+
+template <class V> GPULOSS_DEVICE V warp_reduce_sum(V v, int width = kWarpSize) { return warp_reduce(v, SumOp(), width); }
+template <class V> GPULOSS_DEVICE V warp_reduce_max(V v, int width = kWarpSize) { return warp_reduce(v, MaxOp(), width); }
+template <class A> GPULOSS_DEVICE SoftmaxState<A> warp_reduce_softmax(SoftmaxState<A> st, int width = kWarpSize) {
+  return warp_reduce(st, SoftmaxOp(), width);
+}
+
+// Whole-block reduction; every thread of the block must call it and every
+// thread receives the result. `scratch` is __shared__ storage for kMaxWarps
+// values (callers declare `__shared__ V scratch[gl::kMaxWarps]`); it may be
+// reused as soon as this returns. `identity` pads the warps that do not exist.
+template <class V, class Op> GPULOSS_DEVICE V block_reduce(V v, V* scratch, Op op, V identity) {
+  const int lane = lane_id();
+  const int nwarps = (int)((blockDim.x + kWarpSize - 1) / kWarpSize);
+  v = warp_reduce(v, op);
+  if (lane == 0) scratch[warp_id()] = v;
+  __syncthreads();
+  // Every warp repeats the last level over the same values in the same
+  // order: all threads get the result without a broadcast round trip.
+  v = warp_reduce(lane < nwarps ? scratch[lane] : identity, op);
+  __syncthreads();
+  return v;
+}
+
+template <class V> GPULOSS_DEVICE V block_reduce_sum(V v, V* scratch) { return block_reduce(v, scratch, SumOp(), V(0)); }
+template <class V> GPULOSS_DEVICE V block_reduce_max(V v, V* scratch) { return block_reduce(v, scratch, MaxOp(), neg_inf<V>()); }
+template <class A> GPULOSS_DEVICE SoftmaxState<A> block_reduce_softmax(SoftmaxState<A> st, SoftmaxState<A>* scratch) {
+  return block_reduce(st, scratch, SoftmaxOp(), softmax_empty<A>());
+}
+
+// ---------------------------------------------------------------------------
+// Launch geometry in 64-bit: blockIdx.x * blockDim.x is computed in 32 bits
+// by default and wraps past 2^32 threads.
+GPULOSS_DEVICE index_t global_thread_id() { return (index_t)blockIdx.x * (index_t)blockDim.x + (index_t)threadIdx.x; }
+GPULOSS_DEVICE index_t grid_stride() { return (index_t)gridDim.x * (index_t)blockDim.x; }
+
+}  // namespace gl
+
+// One template, four entry points: X(suffix, storage type) for each storage
+// type, e.g.
+//   #define STAMP(sfx, T) extern "C" __global__ void op_fwd_##sfx(const T* x) { op_fwd<T>(x); } \
+//                         GPULOSS_REGISTER(op_fwd_##sfx)
+//   GPULOSS_FOR_EACH_STORAGE(STAMP)
+#define GPULOSS_FOR_EACH_STORAGE(X) X(f32, float) X(f64, double) X(f16, gl::f16_t) X(bf16, gl::bf16_t)
+
+#endif  // GPULOSS_COMMON_CUH

@@ -1,0 +1,289 @@
+"""Loss layers: each calls gpuloss's functional API once, with ``return_grad=True``.
+
+The loss and its gradient come from one call (no formula is written twice);
+backward scales the kept gradient by the top's diff, which is the top's
+``loss_weight`` when the net seeds it (Caffe's convention: "the loss weight is
+stored in the top's diff", http://caffe.berkeleyvision.org/tutorial/loss.html).
+
+Caffe's ``LossParameter.normalization`` maps onto gpuloss reductions (SPEC §2.3)
+with the logits viewed as ``(outer, C, inner)`` and the loss as ``(outer, inner)``,
+so that the loss's first axis is Caffe's ``outer_num_``:
+
+==========  =========================  ================================================
+Caffe       gpuloss reduction          why it is the same number
+==========  =========================  ================================================
+FULL        ``sum_over_batch_size``    ``sum / (outer*inner)``, ignored positions included
+VALID       ``sum_by_nonzero_weights`` ``sum / count(w != 0)``; w is 0 exactly at ignored
+                                       labels (Caffe has no class weights), so this is
+                                       Caffe's count of non-ignored labels; FULL without
+                                       an ignore_label, as Caffe says
+BATCH_SIZE  ``batch_size``             ``sum / outer``
+NONE        ``sum``                    no division
+==========  =========================  ================================================
+
+Caffe divides by ``max(1, normalizer)``; the normalizer is a count, so that only
+matters when it is 0 (every label ignored, or an empty batch), where Caffe's
+result is 0 and gpuloss's rule (denominator 0 -> loss 0, grad 0) is 0 too.
+"""
+from __future__ import annotations
+
+import math
+
+from ..layer import GraphError, Layer, normalize_axis, register_layer
+from .activation import softmax
+
+__all__ = ["SoftmaxWithLoss", "SigmoidCrossEntropyLoss", "EuclideanLoss", "SmoothL1Loss",
+           "NORMALIZATION_TO_REDUCTION"]
+
+NORMALIZATION_TO_REDUCTION = {"FULL": "sum_over_batch_size", "VALID": "sum_by_nonzero_weights",
+                              "BATCH_SIZE": "batch_size", "NONE": "sum"}
+_MODES = ("FULL", "VALID", "BATCH_SIZE", "NONE")
+
+
+def _losses():
+    # Imported at call time: gpuloss/__init__ imports the graph, and the graph needs the losses.
+    from gpuloss import losses
+    return losses
+
+
+def _normalization_from_proto(lp, default: str) -> str:
+    """Caffe's LossLayer rule: ``normalization`` if set, else legacy ``normalize`` (true -> VALID,
+    false -> BATCH_SIZE), else the layer's default."""
+    p = lp.loss_param
+    if p.HasField("normalization"):
+        return _MODES[p.normalization]
+    if p.HasField("normalize"):
+        return "VALID" if p.normalize else "BATCH_SIZE"
+    return default
+
+
+class _Loss(Layer):
+    """Shared parts: loss_param (ignore_label, normalization), one scalar top, the kept gradient."""
+
+    num_tops = (1, 1)
+    default_normalization = "VALID"   # caffe.proto's LossParameter default
+
+    def __init__(self, name, bottom=None, top=None, *, normalization: str | None = None,
+                 normalize: bool | None = None, ignore_label: int | None = None, **common):
+        super().__init__(name, bottom, top, **common)
+        if normalization is None:
+            normalization = self.default_normalization if normalize is None else \
+                ("VALID" if normalize else "BATCH_SIZE")
+        normalization = str(normalization).upper()
+        if normalization not in _MODES:
+            raise self.error(f"normalization must be one of {_MODES}, got {normalization!r}")
+        self.normalization = normalization
+        self.ignore_label = None if ignore_label is None else int(ignore_label)
+        self._grads = None
+
+    @classmethod
+    def kwargs_from_proto(cls, lp) -> dict:
+        kw = {"normalization": _normalization_from_proto(lp, cls.default_normalization)}
+        if lp.loss_param.HasField("ignore_label"):
+            kw["ignore_label"] = lp.loss_param.ignore_label
+        return kw
+
+    @property
+    def reduction(self) -> str:
+        return NORMALIZATION_TO_REDUCTION[self.normalization]
+
+    def backward(self, top, propagate_down, bottom):
+        # d(total)/d(bottom) = d(loss)/d(bottom) * d(total)/d(loss); the latter is top[0].diff.
+        scale = top[0].diff
+        return [g * scale if (pd and g is not None) else None
+                for g, pd in zip(self._grads, propagate_down)]
+
+
+@register_layer
+class SoftmaxWithLoss(_Loss):
+    """Caffe's ``SoftmaxWithLoss``: bottoms ``(logits, label)``, top ``loss`` (and optionally ``prob``).
+
+    ``logits`` has C classes on ``axis`` (``softmax_param { axis }``, default
+    1); ``label`` holds ``outer * inner`` class indices (any shape with that
+    count; float labels are truncated to int as Caffe's ``static_cast<int>``).
+    ``loss = sum over non-ignored n of -log softmax(logits)[n, label[n]]`` divided
+    by the normalizer of ``normalization`` (table in this module's docstring),
+    computed by :func:`gpuloss.softmax_cross_entropy`. A second top receives the
+    softmax probabilities; as in Caffe, its diff is not backpropagated.
+    """
+
+    type = "SoftmaxWithLoss"
+    num_bottoms = (2, 2)
+    num_tops = (1, 2)
+    proto_params = ("loss_param", "softmax_param")
+
+    def __init__(self, name, bottom=None, top=None, *, axis: int = 1, **kw):
+        super().__init__(name, bottom, top, **kw)
+        self.axis = int(axis)
+
+    @classmethod
+    def kwargs_from_proto(cls, lp) -> dict:
+        return {**super().kwargs_from_proto(lp), "axis": lp.softmax_param.axis}
+
+    def differentiable(self, bottom_index):
+        return bottom_index == 0
+
+    def setup(self, bottom_shapes, ctx):
+        self.ctx = ctx
+        shape, lshape = bottom_shapes
+        self._axis = normalize_axis(self, self.axis, len(shape), "softmax axis")
+        self._check_labels(shape, lshape)
+        self._classes = shape[self._axis]
+        return [()] + ([tuple(shape)] if len(self.top) > 1 else [])
+
+    def _check_labels(self, shape, lshape):
+        outer, inner = math.prod(shape[:self._axis]), math.prod(shape[self._axis + 1:])
+        if math.prod(lshape) != outer * inner:
+            raise self.error(f"label {self.bottom[1]!r} has shape {tuple(lshape)} ({math.prod(lshape)} "
+                             f"labels) but logits {self.bottom[0]!r} of shape {tuple(shape)} with classes "
+                             f"on axis {self._axis} make {outer * inner} predictions")
+        return outer, inner
+
+    def example_input(self, bottom_index, shape, rng):
+        if bottom_index != 1:
+            return None
+        return rng.integers(0, self._classes, size=shape)
+
+    def forward(self, bottom, top):
+        xp = self.ctx.xp
+        x, label = bottom[0].data, bottom[1].data
+        shape = tuple(x.shape)
+        outer, inner = self._check_labels(shape, label.shape)
+        self._classes = shape[self._axis]
+        logits = x.reshape(outer, shape[self._axis], inner)
+        target = label.reshape(outer, inner)
+        if target.dtype.kind not in "iu":
+            target = target.astype(xp.int64)
+        kw = {} if self.ignore_label is None else {"ignore_index": self.ignore_label}
+        loss, grad = _losses().softmax_cross_entropy(
+            logits, target, axis=1, reduction=self.reduction, return_grad=True,
+            validate=self.ctx.validate, backend=self.ctx.backend, **kw)
+        self._grads = [grad.reshape(shape), None]
+        top[0].data = loss
+        if len(top) > 1:
+            top[1].data = softmax(xp, x, self._axis)
+
+
+@register_layer
+class SigmoidCrossEntropyLoss(_Loss):
+    """Caffe's ``SigmoidCrossEntropyLoss``: bottoms ``(logits, targets)`` of equal count, targets in [0, 1].
+
+    ``loss = sum(max(x, 0) - x*t + log(1 + exp(-|x|))) / normalizer`` through
+    :func:`gpuloss.sigmoid_cross_entropy`. Caffe's default normalization here is
+    BATCH_SIZE, not VALID ("for historical reasons", caffe.proto); an
+    ``ignore_label`` gives the targets equal to it weight 0 (and VALID counts the
+    others).
+    """
+
+    type = "SigmoidCrossEntropyLoss"
+    num_bottoms = (2, 2)
+    proto_params = ("loss_param",)
+    default_normalization = "BATCH_SIZE"
+
+    def differentiable(self, bottom_index):
+        return bottom_index == 0
+
+    def setup(self, bottom_shapes, ctx):
+        self.ctx = ctx
+        shape, tshape = bottom_shapes
+        if len(shape) < 1:
+            raise self.error(f"logits {self.bottom[0]!r} need a batch axis, got shape {tuple(shape)}")
+        if math.prod(shape) != math.prod(tshape):
+            raise self.error(f"logits {self.bottom[0]!r} {tuple(shape)} and targets {self.bottom[1]!r} "
+                             f"{tuple(tshape)} must have the same count")
+        return [()]
+
+    def example_input(self, bottom_index, shape, rng):
+        return rng.integers(0, 2, size=shape).astype("float64") if bottom_index == 1 else None
+
+    def forward(self, bottom, top):
+        xp = self.ctx.xp
+        x = bottom[0].data
+        t = bottom[1].data.reshape(x.shape)
+        weight = None
+        if self.ignore_label is not None:
+            keep = t != self.ignore_label
+            weight = keep.astype(x.dtype)
+            t = xp.where(keep, t, 0)
+        t = t.astype(x.dtype, copy=False)
+        loss, grad = _losses().sigmoid_cross_entropy(
+            x, t, weight=weight, reduction=self.reduction, return_grad=True, backend=self.ctx.backend)
+        self._grads = [grad, None]
+        top[0].data = loss
+
+
+class _Regression(_Loss):
+    """Two bottoms of equal count, both differentiable (the target's gradient is minus the prediction's)."""
+
+    num_bottoms = (2, 2)
+    proto_params = ("loss_param",)   # accepted and, as in Caffe, not read
+
+    def setup(self, bottom_shapes, ctx):
+        self.ctx = ctx
+        shape, tshape = bottom_shapes
+        if len(shape) < 1:
+            raise self.error(f"bottom {self.bottom[0]!r} needs a batch axis, got shape {tuple(shape)}")
+        if math.prod(shape[1:]) != math.prod(tshape[1:]) or (len(tshape) and tshape[0] != shape[0]):
+            raise self.error(f"bottoms {self.bottom[0]!r} {tuple(shape)} and {self.bottom[1]!r} "
+                             f"{tuple(tshape)} must have the same batch size and per-sample count")
+        return [()]
+
+    @classmethod
+    def kwargs_from_proto(cls, lp) -> dict:
+        return {}   # Caffe's regression losses divide by the batch size whatever loss_param says
+
+    def _finish(self, top, pred_shape, target_shape, loss, grad):
+        self._grads = [grad, (-grad).reshape(target_shape)]
+        top[0].data = loss
+
+
+@register_layer
+class EuclideanLoss(_Regression):
+    """Caffe's ``EuclideanLoss``: ``sum((a - b)**2) / (2 N)``, N = ``a.shape[0]``; gradients to both bottoms.
+
+    Through :func:`gpuloss.mean_squared_error` with the scalar ``weight=0.5`` and
+    reduction ``batch_size`` (sum / N).
+    """
+
+    type = "EuclideanLoss"
+
+    def __init__(self, name, bottom=None, top=None, **common):
+        super().__init__(name, bottom, top, normalization="BATCH_SIZE", **common)
+
+    def forward(self, bottom, top):
+        a, b = bottom[0].data, bottom[1].data
+        loss, grad = _losses().mean_squared_error(
+            a, b.reshape(a.shape), weight=0.5, reduction="batch_size", return_grad=True,
+            backend=self.ctx.backend)
+        self._finish(top, a.shape, b.shape, loss, grad)
+
+
+@register_layer
+class SmoothL1Loss(_Regression):
+    """Fast R-CNN's ``SmoothL1Loss`` (Girshick 2015): ``sum(smooth_l1(a - b)) / N``, N = ``a.shape[0]``.
+
+    ``smooth_l1(d) = 0.5 (sigma d)**2`` if ``|d| < 1/sigma**2`` else ``|d| - 0.5/sigma**2``
+    (``smooth_l1_loss_param { sigma }``, default 1), which is
+    :func:`gpuloss.smooth_l1` with ``beta = 1/sigma**2``. The inside/outside
+    weight bottoms of the Fast R-CNN layer are not supported.
+    """
+
+    type = "SmoothL1Loss"
+    proto_params = ("loss_param", "smooth_l1_loss_param")
+
+    def __init__(self, name, bottom=None, top=None, *, sigma: float = 1.0, **common):
+        super().__init__(name, bottom, top, normalization="BATCH_SIZE", **common)
+        if not float(sigma) > 0:
+            raise self.error(f"sigma must be > 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    @classmethod
+    def kwargs_from_proto(cls, lp) -> dict:
+        return {"sigma": lp.smooth_l1_loss_param.sigma}
+
+    def forward(self, bottom, top):
+        a, b = bottom[0].data, bottom[1].data
+        loss, grad = _losses().smooth_l1(
+            a, b.reshape(a.shape), beta=1.0 / self.sigma ** 2, reduction="batch_size",
+            return_grad=True, backend=self.ctx.backend)
+        self._finish(top, a.shape, b.shape, loss, grad)

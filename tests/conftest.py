@@ -1,0 +1,103 @@
+"""The one helper that checks any backend against gpuloss.reference, and the backend list."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import gpuloss as gl
+from gpuloss import reference
+from gpuloss.backends import cuda_unavailable_reason
+
+from .cases import tolerance
+
+
+def _available_backends() -> list:
+    params = [pytest.param("cpu", id="cpu")]
+    try:
+        import gpuloss.backends.emulated_backend  # noqa: F401  (lands with the CUDA kernels)
+        emulated_ok = shutil.which("g++") is not None
+    except ModuleNotFoundError:
+        emulated_ok = False
+    if emulated_ok:
+        params.append(pytest.param("emulated", id="emulated", marks=pytest.mark.emulated))
+    reason = cuda_unavailable_reason()
+    params.append(pytest.param("cuda", id="cuda",
+                               marks=[pytest.mark.gpu, pytest.mark.skipif(reason is not None,
+                                                                          reason=f"cuda backend: {reason}")]))
+    return params
+
+
+BACKENDS = _available_backends()
+
+
+@pytest.fixture
+def rng(request):
+    """Fresh random data on every run; the seed is printed so a failure can be replayed."""
+    seed = int(os.environ.get("GPULOSS_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+    print(f"GPULOSS_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+def to_backend(backend: str, a):
+    if backend == "cuda" and isinstance(a, np.ndarray):
+        import cupy
+
+        return cupy.asarray(a)
+    return a
+
+
+def to_host(a):
+    if a is None or isinstance(a, (np.ndarray, np.generic, float)):
+        return a
+    return a.get()
+
+
+def run_loss(name: str, args, kwargs, backend: str, *, return_grad: bool = True):
+    fn = getattr(gl, name)
+    dev_args = [to_backend(backend, a) for a in args]
+    dev_kwargs = {k: to_backend(backend, a) for k, a in kwargs.items()}
+    if name == "weighted_reduce":
+        return to_host(fn(*dev_args, backend=backend, **dev_kwargs)), None
+    out = fn(*dev_args, backend=backend, return_grad=return_grad, **dev_kwargs)
+    if return_grad:
+        return to_host(out[0]), to_host(out[1])
+    return to_host(out), None
+
+
+def expected_loss_dtype(dtype):
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def _close(actual, expected, rtol, what):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    finite = np.isfinite(expected)
+    # NaN and inf must come out exactly where the reference has them.
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=f"{what}: NaN positions")
+    np.testing.assert_array_equal(actual[~finite & ~np.isnan(expected)], expected[~finite & ~np.isnan(expected)],
+                                  err_msg=f"{what}: inf positions")
+    if finite.any():
+        scale = np.max(np.abs(expected[finite]))
+        np.testing.assert_allclose(actual[finite], expected[finite], rtol=rtol, atol=rtol * scale + 1e-30,
+                                   err_msg=what)
+
+
+def assert_matches_reference(name: str, args, kwargs, backend: str = "cpu", *, grad: bool = True):
+    """gpuloss.<name> on ``backend`` == gpuloss.reference.<name> in float64 (loss, grad, dtypes, shapes)."""
+    kwargs = dict(kwargs)
+    loss, g = run_loss(name, args, kwargs, backend, return_grad=grad)
+    kwargs.pop("validate", None)
+    ref_loss, ref_grad = getattr(reference, name)(*args, **kwargs)
+    in_dtype = args[0].dtype
+    loss_rtol, grad_rtol = tolerance(in_dtype)
+    assert np.asarray(loss).dtype == expected_loss_dtype(in_dtype), f"loss dtype {np.asarray(loss).dtype}"
+    _close(loss, ref_loss, loss_rtol, f"{name} loss")
+    if grad and name != "weighted_reduce":
+        assert g.dtype == in_dtype and g.shape == args[0].shape, f"grad {g.dtype}{g.shape}"
+        _close(g, ref_grad.astype(in_dtype), grad_rtol, f"{name} grad")
+    return loss, g
