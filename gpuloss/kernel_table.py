@@ -72,14 +72,14 @@ def run(archs: Sequence[str], sources: Sequence[Path] | None = None, options: Se
     for arch in archs:
         for path in paths:
             try:
-                file_rows = nvrtc.file_resources(path, arch, options)
+                result = nvrtc.compile_file(path, arch, (*options, "-Xptxas=-v"))
+                rows.extend(nvrtc.resources_from_result(result))
             except nvrtc.NvrtcError as exc:
                 failures += 1
-                print(f"gpuloss kernels: {Path(path).name} ({arch}) failed to compile:\n{exc}", file=err)
+                print(f"gpuloss kernels: {Path(path).name} ({arch}) failed:\n{exc}", file=err)
                 continue
-            rows.extend(file_rows)
             if show_log:
-                print(nvrtc.compile_file(path, arch, (*options, "-Xptxas=-v")).log, file=err)
+                print(result.log, file=err)
     print(f"NVRTC {major}.{minor} ({nvrtc.library_path()})", file=out)
     print(format_table(rows), file=out)
     spilled = [r for r in rows if r.spill_stores or r.spill_loads]

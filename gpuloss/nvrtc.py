@@ -40,6 +40,7 @@ __all__ = [
     "compile",
     "compile_file",
     "parse_ptxas_log",
+    "resources_from_result",
     "file_resources",
     "kernel_resources",
 ]
@@ -362,30 +363,34 @@ def parse_ptxas_log(log: str) -> tuple[dict[str, dict[str, int]], dict[str, dict
     return entries, functions
 
 
-def file_resources(path: str | os.PathLike, arch: str = "sm_90", options: Sequence[str] = ()) -> list[KernelResources]:
-    """Compile one ``.cu`` file with ``-Xptxas=-v`` and report every entry point.
+def resources_from_result(result: CompileResult) -> list[KernelResources]:
+    """Resource rows of a compilation made with ``-Xptxas=-v`` in its options.
 
-    Raises :class:`NvrtcError` when the file does not compile, or when the
-    report lacks an entry point that the PTX declares (a changed log format
-    must fail loudly, not yield an empty table).
+    Raises :class:`NvrtcError` when the report lacks an entry point that the
+    PTX declares: a changed log format must fail loudly, not yield an empty
+    or partial table.
     """
-    path = Path(path)
-    result = compile_file(path, arch, (*options, _VERBOSE_PTXAS))
     entries, _ = parse_ptxas_log(result.log)
     rows = []
     for kernel in result.entry_points:
         info = entries.get(kernel)
         if info is None or "registers" not in info:
             raise NvrtcError(f"gpuloss: ptxas reported no resource usage for entry point {kernel!r} of "
-                             f"{path.name} ({arch}); the log format may have changed", log=result.log,
-                             name=path.name)
+                             f"{result.name} ({result.arch}); was it compiled with {_VERBOSE_PTXAS}, "
+                             "or has the log format changed?", log=result.log, name=result.name)
         rows.append(KernelResources(
-            kernel=kernel, source=path.name, arch=arch,
+            kernel=kernel, source=result.name, arch=result.arch,
             registers=info["registers"], shared_bytes=info["shared_bytes"], stack_bytes=info["stack_bytes"],
             spill_stores=info["spill_stores"], spill_loads=info["spill_loads"], barriers=info["barriers"],
             constant_bytes=info["constant_bytes"], cumulative_stack_bytes=info["cumulative_stack_bytes"],
         ))
     return sorted(rows, key=lambda r: r.kernel)
+
+
+def file_resources(path: str | os.PathLike, arch: str = "sm_90", options: Sequence[str] = ()) -> list[KernelResources]:
+    """Compile one ``.cu`` file with ``-Xptxas=-v`` and report every entry point
+    (:class:`NvrtcError` when it does not compile)."""
+    return resources_from_result(compile_file(path, arch, (*options, _VERBOSE_PTXAS)))
 
 
 def kernel_resources(arch: str = "sm_90", sources: Iterable[str | os.PathLike] | None = None,
