@@ -13,7 +13,7 @@ import sys
 # (module, description) of every sub-command module; each exposes register(subparsers).
 _COMMAND_MODULES = (
     "gpuloss.graph.commands",   # train, time
-    "gpuloss.bench_cli",        # bench
+    "gpuloss.benchmark",        # bench
     "gpuloss.kernel_table",     # kernels
     "gpuloss.info",             # info
 )

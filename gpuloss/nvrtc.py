@@ -23,7 +23,6 @@ import glob
 import importlib.util
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -401,7 +400,3 @@ def kernel_resources(arch: str = "sm_90", sources: Iterable[str | os.PathLike] |
     for path in paths:
         rows.extend(file_resources(path, arch, options))
     return rows
-
-
-if __name__ == "__main__":  # pragma: no cover - manual check
-    print(library_path(), version(), file=sys.stderr)

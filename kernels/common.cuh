@@ -1,8 +1,9 @@
 // common.cuh — device helpers shared by every kernels/*.cu file.
 //
-// What it provides (all in namespace gl, all header-only):
+// What it provides (functions and types in namespace gl, macros GPULOSS_*):
 //   * GPULOSS_REGISTER(entry)      no-op under NVRTC; the emulator uses it to
 //                                  register each extern "C" __global__ entry
+//   * GPULOSS_DYNAMIC_SHARED(T, p)  `T* p` over the launch's dynamic shared memory
 //   * int8_t ... uint64_t, index_t fixed-width integers without <cstdint>
 //   * bit casts and constants       +inf, -inf, quiet NaN built from bits
 //   * f16_t / bf16_t                float16 / bfloat16 storage (16-bit words)
@@ -15,13 +16,13 @@
 //                                  Milakov & Gimelshein 2018 (arXiv 1805.02867)
 //   * GPULOSS_FOR_EACH_STORAGE(X)   stamps one template into _f32/_f64/_f16/_bf16
 //
-// Why no toolkit headers: every .cu file is compiled three ways — by NVRTC
+// Why no toolkit headers: every .cu file is compiled by NVRTC 12 and 13
 // (CuPy RawModule, `gpuloss kernels`) with only kernels/ on the include path,
-// by NVRTC 12 and 13 alike, and by g++ through kernels/emulator for the
-// emulated backend. cuda_fp16.h / cuda_bf16.h / <cstdint> / <math.h> are not
-// available under NVRTC without a CUDA toolkit, so half and bfloat16 are
-// plain 16-bit words converted with bit operations, constants are built from
-// bits (INFINITY needs math.h), and integer types are declared here.
+// and by g++ through kernels/emulator for the emulated backend.
+// cuda_fp16.h / cuda_bf16.h / <cstdint> / <math.h> are not there under NVRTC
+// without a CUDA toolkit, so half and bfloat16 are plain 16-bit words
+// converted with bit operations, constants are built from bits (INFINITY
+// needs math.h), and integer types are declared here.
 //
 // Requirements the reductions put on a launch: 1-D blocks whose blockDim.x is
 // a multiple of 32 (at most 1024); every thread of the block calls
@@ -35,6 +36,16 @@
 #define GPULOSS_REGISTER(name)
 #endif
 
+// Dynamic shared memory (the launch's shared_mem bytes), as `T* name`. One
+// raw byte array serves every T: `extern __shared__ T name[]` with different
+// T in two template instances of one module is a redeclaration error. The
+// emulator defines its own form.
+#ifndef GPULOSS_DYNAMIC_SHARED
+#define GPULOSS_DYNAMIC_SHARED(T, name)                          \
+  extern __shared__ __align__(16) unsigned char gpuloss_dynamic_smem_[]; \
+  T* name = reinterpret_cast<T*>(gpuloss_dynamic_smem_)
+#endif
+
 // Device code vs host code (the emulator and host tests). NVRTC always
 // defines __CUDA_ARCH__; g++ never does.
 #if defined(__CUDA_ARCH__)
@@ -44,6 +55,13 @@
 #endif
 
 #define GPULOSS_DEVICE __device__ __forceinline__
+
+// `#pragma unroll` for NVRTC; g++ (the emulator) would warn about an unknown pragma.
+#if GPULOSS_DEVICE_CODE
+#define GPULOSS_UNROLL _Pragma("unroll")
+#else
+#define GPULOSS_UNROLL
+#endif
 
 // ---------------------------------------------------------------------------
 // Fixed-width integers. NVRTC has no <cstdint>; the host compiler does, and
@@ -123,6 +141,8 @@ template <> GPULOSS_DEVICE double pos_inf<double>() { return double_from_bits(0x
 template <> GPULOSS_DEVICE double neg_inf<double>() { return double_from_bits(0xfff0000000000000ull); }
 template <> GPULOSS_DEVICE double quiet_nan<double>() { return double_from_bits(0x7fffffffffffffffull); }
 
+// x != x: no header needed; valid because nothing here is built with
+// -ffast-math / finite-math-only (which would fold it to false).
 template <class A> GPULOSS_DEVICE bool is_nan(A x) { return x != x; }
 
 // ---------------------------------------------------------------------------
@@ -130,9 +150,10 @@ template <class A> GPULOSS_DEVICE bool is_nan(A x) { return x != x; }
 //
 // NaN convention: conversions return the canonical NaN (f32 0x7fffffff, f16
 // 0x7fff, bf16 0x7fff), sign and payload dropped. That is what the GPU's cvt
-// instructions produce (and what CUDA's own host fallbacks emulate), so the
-// inline-PTX path and the bit path below agree on every input. bf16 -> f32 is
-// a plain shift on both paths, so it keeps payloads.
+// instructions are documented to produce and what CUDA's own host fallbacks
+// emulate, so the inline-PTX path and the bit path agree on every input;
+// selftest_convert_check (tests/test_nvrtc.py, on a GPU) verifies it bitwise.
+// bf16 -> f32 is a plain shift on both paths, so it keeps payloads.
 // Everything else is IEEE 754 round-to-nearest-even, with subnormals kept
 // (no flush to zero) and overflow to infinity.
 
@@ -244,7 +265,6 @@ GPULOSS_DEVICE float double_to_float_round_odd(double d) {
   return float_from_bits(bits | 1u);
 }
 
-
 // ---------------------------------------------------------------------------
 // Typed load/store layer: kernels are templates over the storage type T and
 // compute in acc_t<T>: float for 16/32-bit storage, double for double (SPEC §3).
@@ -322,10 +342,11 @@ template <class A> GPULOSS_DEVICE A max_nan(A a, A b) { return (a > b || is_nan(
 template <class A> GPULOSS_DEVICE A min_nan(A a, A b) { return (a < b || is_nan(a)) ? a : b; }
 
 // ---------------------------------------------------------------------------
-// Online softmax (Milakov & Gimelshein 2018, arXiv 1805.02867, Algorithms 3-4):
-// one pass keeps the running max and the sum of exp(x - max); two partial
-// states (m1, s1), (m2, s2) combine as m = max(m1, m2),
-// s = s1 * exp(m1 - m) + s2 * exp(m2 - m).
+// Online softmax (Milakov & Gimelshein 2018, arXiv 1805.02867: Algorithm 3,
+// the online normalizer, and the associative operator they give for running
+// it in parallel): one pass keeps the running max and the sum of
+// exp(x - max); two partial states (m1, s1), (m2, s2) combine as
+// m = max(m1, m2), s = s1 * exp(m1 - m) + s2 * exp(m2 - m).
 // Infinities: a part whose max equals the total max is scaled by exactly 1
 // instead of exp(m_i - m). For finite maxima that is the same number
 // (exp(0) == 1); for a row of -inf (masked classes) or a +inf logit it avoids
@@ -411,7 +432,7 @@ GPULOSS_DEVICE int warp_id() { return (int)(threadIdx.x / kWarpSize); }
 // every lane of a group receives the group's result.
 template <class V, class Op> GPULOSS_DEVICE V warp_reduce(V v, Op op, int width = kWarpSize) {
   const int lane = lane_id();
-#pragma unroll
+  GPULOSS_UNROLL
   for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
     if (offset < width) {
       const V other = shfl_xor(v, offset);
@@ -459,10 +480,10 @@ GPULOSS_DEVICE index_t grid_stride() { return (index_t)gridDim.x * (index_t)bloc
 }  // namespace gl
 
 // One template, four entry points: X(suffix, storage type) for each storage
-// type, e.g.
-//   #define STAMP(sfx, T) extern "C" __global__ void op_fwd_##sfx(const T* x) { op_fwd<T>(x); } \
-//                         GPULOSS_REGISTER(op_fwd_##sfx)
-//   GPULOSS_FOR_EACH_STORAGE(STAMP)
+// type. A kernel file defines, on one logical line,
+//   #define STAMP(sfx, T) extern "C" __global__ void op_fwd_##sfx(const T* x) { op_fwd<T>(x); } GPULOSS_REGISTER(op_fwd_##sfx);
+// then writes GPULOSS_FOR_EACH_STORAGE(STAMP) to get op_fwd_f32, _f64, _f16, _bf16
+// (see selftest.cu).
 #define GPULOSS_FOR_EACH_STORAGE(X) X(f32, float) X(f64, double) X(f16, gl::f16_t) X(bf16, gl::bf16_t)
 
 #endif  // GPULOSS_COMMON_CUH

@@ -16,13 +16,14 @@ class Blob:
     ``lr_mult`` and ``decay_mult`` (both 1 unless the layer's ``param`` says so).
     """
 
-    __slots__ = ("name", "xp", "_data", "_diff", "need_backward", "lr_mult", "decay_mult")
+    __slots__ = ("name", "xp", "_data", "_diff", "_diff_written", "need_backward", "lr_mult", "decay_mult")
 
     def __init__(self, name: str, xp, data=None, *, lr_mult: float = 1.0, decay_mult: float = 1.0):
         self.name = name
         self.xp = xp
         self._data = data
         self._diff = None
+        self._diff_written = False
         self.need_backward = False
         self.lr_mult = float(lr_mult)
         self.decay_mult = float(decay_mult)
@@ -44,11 +45,12 @@ class Blob:
     @diff.setter
     def diff(self, value) -> None:
         self._diff = value
+        self._diff_written = value is not None
 
     @property
     def has_diff(self) -> bool:
-        """Whether a backward pass wrote a gradient here (False: the gradient is zero)."""
-        return self._diff is not None
+        """Whether a gradient was written here since the last clear (False: the gradient is zero)."""
+        return self._diff_written
 
     @property
     def shape(self) -> tuple:
@@ -56,6 +58,7 @@ class Blob:
 
     def clear_diff(self) -> None:
         self._diff = None
+        self._diff_written = False
 
     def __repr__(self) -> str:
         shape = "unset" if self._data is None else "x".join(map(str, self._data.shape)) or "scalar"

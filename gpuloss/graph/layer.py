@@ -17,6 +17,7 @@ overrides both.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -144,7 +145,7 @@ class Layer:
         if len(set(self.top)) != len(self.top):
             raise GraphError(f"layer {name!r}: top blob names repeat: {self.top}")
         if loss_weight is not None:
-            lw = [float(loss_weight)] if isinstance(loss_weight, (int, float)) else [float(w) for w in loss_weight]
+            lw = [float(loss_weight)] if isinstance(loss_weight, numbers.Real) else [float(w) for w in loss_weight]
             if len(lw) != len(self.top):  # Caffe: "loss_weight must be unspecified or specified once per top"
                 raise GraphError(f"layer {name!r}: loss_weight must be given once per top blob "
                                  f"({len(self.top)}: {self.top}), got {len(lw)}: {lw}")

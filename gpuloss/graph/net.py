@@ -97,6 +97,7 @@ class Net:
             if not isinstance(layer, Layer):
                 raise GraphError(f"Net takes Layer objects, got {layer!r}")
         self.layers: list[Layer] = [l for l in layers if l.included_in(phase, level, stages)]
+        self._nvtx = getattr(getattr(self.xp, "cuda", None), "nvtx", None)
         self._build(dict(inputs or {}))
         self._terms: list[LossTerm] = []
         self._forwarded = False
@@ -273,14 +274,30 @@ class Net:
 
     def _forward_layer(self, i: int) -> None:
         layer, tops = self.layers[i], self._tops[i]
-        layer.forward(self._bottoms[i], tops)
+        if self._nvtx is not None:   # Nsight shows the net's structure (DESIGN §6)
+            self._nvtx.RangePush(f"{layer.name} forward")
+        try:
+            layer.forward(self._bottoms[i], tops)
+        except GraphError:
+            raise
+        except ValueError as exc:   # e.g. a label out of range, found by the functional API
+            raise layer.error(str(exc)) from exc
+        finally:
+            if self._nvtx is not None:
+                self._nvtx.RangePop()
         for j, w in self._weights[i]:  # right after the layer, as Caffe's Layer::Forward: in-place safe
             value = self.xp.asarray(self.xp.sum(tops[j].data))
             self._total = self._total + (value * w).astype(self.dtype, copy=False)
             self._terms.append(LossTerm(layer.name, layer.top[j], w, value))
 
     def backward(self) -> None:
-        """Gradients of the last forward's total loss: blobs' and parameters' ``diff``."""
+        """Gradients of the last forward's total loss: blobs' and parameters' ``diff``.
+
+        Each weighted top's diff is seeded with its ``loss_weight`` (added to what
+        the layers reading it passed back) when the reverse pass reaches the layer
+        that made it, which for an in-place top is the value that layer wrote.
+        Parameter diffs are overwritten, not accumulated across calls.
+        """
         if not self._forwarded:
             raise GraphError("backward() needs a forward() first")
         for b in self.blobs.values():
@@ -301,7 +318,13 @@ class Net:
         if not self._need_backward[i] or not any(t.has_diff for t in tops):
             return  # nothing this layer made reaches the loss, or nothing behind it learns
         pd = self._propagate_down[i]
-        grads = layer.backward(tops, pd, bottoms)
+        if self._nvtx is not None:
+            self._nvtx.RangePush(f"{layer.name} backward")
+        try:
+            grads = layer.backward(tops, pd, bottoms)
+        finally:
+            if self._nvtx is not None:
+                self._nvtx.RangePop()
         for j, (b, g) in enumerate(zip(bottoms, grads)):
             in_place = any(b is t for t in tops)
             if g is None or not pd[j]:

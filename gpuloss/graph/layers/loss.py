@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 
-from ..layer import GraphError, Layer, normalize_axis, register_layer
+from ..layer import Layer, normalize_axis, register_layer
 from .activation import softmax
 
 __all__ = ["SoftmaxWithLoss", "SigmoidCrossEntropyLoss", "EuclideanLoss", "SmoothL1Loss",
@@ -105,6 +105,8 @@ class SoftmaxWithLoss(_Loss):
     by the normalizer of ``normalization`` (table in this module's docstring),
     computed by :func:`gpuloss.softmax_cross_entropy`. A second top receives the
     softmax probabilities; as in Caffe, its diff is not backpropagated.
+    Without ``ignore_label`` the functional API's default ``ignore_index=-100``
+    still applies: a label of -100 is skipped where Caffe would reject it.
     """
 
     type = "SoftmaxWithLoss"

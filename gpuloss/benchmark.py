@@ -1,0 +1,319 @@
+"""``gpuloss bench``: time every loss on a backend against PyTorch and the memory floor.
+
+Medians of repeated runs after a warm-up (``time.perf_counter`` on the CPU),
+GB/s of the bytes a fused kernel must move, the ratio against PyTorch measured
+in the same run with the same thread count, and the *floor*: the time to read
+the input twice and write the gradient once with a parallel streaming kernel
+(what a perfect fused cross entropy costs in memory traffic).  Results go to
+``bench/results/<date>-<machine>.json`` and ``.md`` (and a PNG plot when
+matplotlib is installed).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# The shapes of issue 6: LLM vocabularies, ImageNet-sized and tiny class counts.
+XENT_SHAPES = [(4096, 32000), (512, 128256), (8192, 1000), (65536, 10)]
+QUICK_XENT_SHAPES = [(1024, 32000), (2048, 1000), (16384, 10)]
+ELEMENTWISE = ["mean_squared_error", "absolute_difference", "huber", "smooth_l1", "hinge", "log_loss",
+               "sigmoid_cross_entropy"]
+TORCH_ELEMENTWISE = {"mean_squared_error": "mse_loss", "absolute_difference": "l1_loss", "huber": "huber_loss",
+                     "smooth_l1": "smooth_l1_loss", "sigmoid_cross_entropy": "binary_cross_entropy_with_logits"}
+
+
+@dataclass
+class Row:
+    case: str
+    shape: tuple
+    dtype: str
+    gpuloss_ms: float
+    first_call_ms: float
+    bytes_moved: int
+    gbps: float
+    floor_ms: float | None = None
+    torch_ms: float | None = None
+    speedup_vs_torch: float | None = None
+    vs_floor: float | None = None
+    notes: str = ""
+
+
+@dataclass
+class Report:
+    machine: str
+    date: str
+    command: str
+    backend: str
+    threads: int
+    copy_gbps: float
+    versions: dict
+    rows: list = field(default_factory=list)
+
+
+def median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e3
+
+
+def _timed_once_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _streaming_kernels():
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=True)
+    def read_twice_write_once(x, out, partial):
+        rows = x.shape[0]
+        for n in prange(rows):
+            s = 0.0
+            for c in range(x.shape[1]):
+                s += x[n, c]
+            partial[n] = s
+        for n in prange(rows):
+            for c in range(x.shape[1]):
+                out[n, c] = x[n, c]
+
+    return read_twice_write_once
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Read + write GB/s of a parallel copy of ``nbytes`` (the machine's streaming limit)."""
+    kernel = _streaming_kernels()
+    n = nbytes // 4
+    x = np.ones((n // 4096, 4096), np.float32)
+    out = np.empty_like(x)
+    partial = np.empty(x.shape[0])
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=False)
+    def copy(src, dst):
+        for i in prange(src.shape[0]):
+            for j in range(src.shape[1]):
+                dst[i, j] = src[i, j]
+
+    ms = median_ms(lambda: copy(x, out), repeats)
+    del kernel, partial
+    return 2 * x.nbytes / (ms * 1e-3) / 1e9
+
+
+def _torch():
+    try:
+        import torch
+    except Exception:
+        return None
+    return torch
+
+
+def bench_cross_entropy(shape, dtype, repeats, torch, backend, forward_only=False) -> Row:
+    import gpuloss as gl
+
+    rng = np.random.default_rng(0)
+    rows, classes = shape
+    x = (rng.standard_normal(shape, dtype=np.float32) * 2).astype(dtype)
+    y = rng.integers(0, classes, rows)
+    run = (lambda: gl.softmax_cross_entropy(x, y, backend=backend)) if forward_only else \
+        (lambda: gl.softmax_cross_entropy(x, y, return_grad=True, backend=backend))
+    first = _timed_once_ms(run)
+    ms = median_ms(run, repeats)
+    # A fused pass reads the logits once from memory (re-reads hit cache) and writes the grad once.
+    moved = x.nbytes * (1 if forward_only else 2) + y.nbytes
+    row = Row(case="softmax_cross_entropy" + (" fwd" if forward_only else " fwd+bwd"), shape=shape,
+              dtype=np.dtype(dtype).name, gpuloss_ms=ms, first_call_ms=first, bytes_moved=moved,
+              gbps=moved / (ms * 1e-3) / 1e9)
+    if not forward_only:
+        floor_kernel = _streaming_kernels()
+        out = np.empty_like(x)
+        partial = np.empty(rows)
+        row.floor_ms = median_ms(lambda: floor_kernel(x, out, partial), repeats)
+        row.vs_floor = ms / row.floor_ms
+    if torch is not None:
+        xt = torch.from_numpy(x)
+        yt = torch.from_numpy(y)
+        F = torch.nn.functional
+        if forward_only:
+            def trun():
+                with torch.no_grad():
+                    F.cross_entropy(xt, yt)
+        else:
+            def trun():
+                xg = xt.detach().requires_grad_(True)
+                F.cross_entropy(xg, yt).backward()
+        row.torch_ms = median_ms(trun, repeats)
+        row.speedup_vs_torch = row.torch_ms / ms
+    return row
+
+
+def bench_elementwise(name, size, repeats, torch, backend) -> Row:
+    import gpuloss as gl
+
+    rng = np.random.default_rng(0)
+    rows = 1024
+    shape = (rows, size // rows)
+    pred = rng.random(shape, dtype=np.float32) * 0.98 + 0.01
+    target = (rng.random(shape, dtype=np.float32) < 0.5).astype(np.float32)
+    weight = rng.random(rows, dtype=np.float32)  # per-sample weights
+    fn = getattr(gl, name)
+
+    def run():
+        return fn(pred, target, weight=weight, return_grad=True, backend=backend)
+
+    first = _timed_once_ms(run)
+    ms = median_ms(run, repeats)
+    moved = pred.nbytes * 3  # read pred and target, write grad
+    row = Row(case=f"{name} (weighted) fwd+bwd", shape=shape, dtype="float32", gpuloss_ms=ms, first_call_ms=first,
+              bytes_moved=moved, gbps=moved / (ms * 1e-3) / 1e9)
+    tname = TORCH_ELEMENTWISE.get(name)
+    if torch is not None and tname is not None:
+        F = torch.nn.functional
+        pt, tt, wt = torch.from_numpy(pred), torch.from_numpy(target), torch.from_numpy(weight)[:, None]
+
+        def trun():
+            pg = pt.detach().requires_grad_(True)
+            (getattr(F, tname)(pg, tt, reduction="none") * wt).sum().div(wt.sum() * shape[1]).backward()
+
+        row.torch_ms = median_ms(trun, repeats)
+        row.speedup_vs_torch = row.torch_ms / ms
+        row.notes = "torch: per-element loss x weight, summed (no fused weighted mean)"
+    return row
+
+
+def machine_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def run_suite(quick: bool = False, backend: str = "cpu", repeats: int | None = None, progress=True) -> Report:
+    import numba
+
+    import gpuloss
+
+    torch = _torch()
+    threads = numba.get_num_threads()
+    if torch is not None:
+        torch.set_num_threads(threads)  # same thread count on both sides
+    repeats = repeats or (3 if quick else 7)
+    versions = {"gpuloss": gpuloss.__version__, "numpy": np.__version__, "numba": numba.__version__,
+                "torch": getattr(torch, "__version__", None), "python": platform.python_version()}
+    report = Report(machine=machine_name(), date=_dt.date.today().isoformat(),
+                    command="gpuloss bench" + (" --quick" if quick else "") + " " + " ".join(sys.argv[2:]),
+                    backend=backend, threads=threads, copy_gbps=copy_bandwidth_gbps(), versions=versions)
+    shapes = QUICK_XENT_SHAPES if quick else XENT_SHAPES
+    jobs = [("xent", s, False) for s in shapes] + [("xent", s, True) for s in shapes]
+    jobs += [("elementwise", n, None) for n in (ELEMENTWISE[:3] if quick else ELEMENTWISE)]
+    size = (1 << 22) if quick else (1 << 25)
+    from tqdm import tqdm
+
+    for kind, what, fwd in tqdm(jobs, desc="gpuloss bench", disable=not progress, unit="case"):
+        if kind == "xent":
+            report.rows.append(bench_cross_entropy(what, np.float32, repeats, torch, backend, forward_only=fwd))
+        else:
+            report.rows.append(bench_elementwise(what, size, repeats, torch, backend))
+    return report
+
+
+def _fmt(v, spec=".1f", none="—"):
+    return none if v is None else format(v, spec)
+
+
+def markdown(report: Report) -> str:
+    lines = [f"Machine: {report.machine}; {report.threads} threads (torch set to the same); backend "
+             f"`{report.backend}`; date {report.date}; command `{report.command.strip()}`; parallel copy "
+             f"bandwidth {report.copy_gbps:.1f} GB/s (read+write).", "",
+             "| case | shape | gpuloss ms | torch ms | speed-up | GB/s | floor ms | x floor | first call ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report.rows:
+        r = r if isinstance(r, dict) else asdict(r)
+        lines.append(f"| {r['case']} | {tuple(r['shape'])} | {r['gpuloss_ms']:.2f} | {_fmt(r['torch_ms'], '.2f')} | "
+                     f"{_fmt(r['speedup_vs_torch'], '.1f')}{'' if r['speedup_vs_torch'] is None else 'x'} | "
+                     f"{r['gbps']:.1f} | {_fmt(r['floor_ms'], '.2f')} | {_fmt(r['vs_floor'], '.2f')} | "
+                     f"{r['first_call_ms']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(report: Report, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in report.machine.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    stem = out_dir / f"{report.date}-{report.backend}-{slug}"
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    paths[0].write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    paths[1].write_text(markdown(report))
+    png = _plot(report, stem.with_suffix(".png"))
+    return paths + ([png] if png else [])
+
+
+def _plot(report: Report, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    rows = [r for r in report.rows if r.case.endswith("fwd+bwd") and r.case.startswith("softmax")]
+    if not rows:
+        return None
+    rows.sort(key=lambda r: r.shape[1])
+    labels = [f"{r.shape[0]}x{r.shape[1]}" for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(rows))
+    ax.plot(xs, [r.gpuloss_ms for r in rows], "o-", label="gpuloss (cpu)")
+    if all(r.torch_ms for r in rows):
+        ax.plot(xs, [r.torch_ms for r in rows], "s-", label="torch")
+    ax.plot(xs, [r.floor_ms for r in rows], "k--", label="floor (read 2x + write 1x)")
+    ax.set_xticks(list(xs), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (median)")
+    ax.set_xlabel("logits shape (rows x classes), float32")
+    ax.set_title(f"softmax cross entropy fwd+bwd, {report.threads} threads, {report.date}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(args) -> int:
+    report = run_suite(quick=args.quick, backend=args.backend, repeats=args.repeats)
+    print(markdown(report))
+    if not args.no_save:
+        for p in write_results(report, Path(args.out)):
+            print(f"wrote {p}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="time the kernels (GB/s, against PyTorch where installed)")
+    p.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
+    p.add_argument("--backend", default="cpu", choices=["cpu", "emulated"], help="backend to time")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (median reported)")
+    p.add_argument("--out", default="bench/results", help="folder for the JSON / Markdown / PNG results")
+    p.add_argument("--no-save", action="store_true", help="print only")
+    p.set_defaults(func=main)

@@ -1,0 +1,148 @@
+// elementwise.cu — the element-wise losses of SPEC §2.2 with their gradients,
+// weighted_reduce, and cosine distance; pass 1 of their deterministic
+// reductions.
+//
+// Math (d = x - t; twin of gpuloss/backends/cpu.py _elementwise_loss):
+//   sigmoid CE   t' = t (1 - eps) + eps/2 (TF label smoothing);
+//                l = max(x, 0) - x t' + log1p(e^-|x|),  dl/dx = sigmoid(x) - t';
+//                with pos_weight p (PyTorch BCEWithLogitsLoss):
+//                l = (1 - t') x + (1 + (p - 1) t') (log1p(e^-|x|) + max(-x, 0)),
+//                dl/dx = (1 - t') + (1 + (p - 1) t') (sigmoid(x) - 1)
+//   log_loss     -t log(x + eps) - (1 - t) log(1 - x + eps)       (TF log_loss)
+//   mse          d^2;  abs |d| (grad sign(d), 0 at 0 as torch.l1_loss)
+//   huber        d^2/2 if |d| <= delta else delta (|d| - delta/2)   (TF huber_loss)
+//   smooth_l1    d^2/(2 beta) if |d| < beta else |d| - beta/2       (torch SmoothL1Loss)
+//   hinge        y = 2t - 1, max(0, 1 - y x)                        (TF hinge_loss)
+//   identity     l = x (weighted_reduce)
+//   cosine       l[n] = 1 - sum_k p[n,k] t[n,k], dl/dp = -t           (TF cosine_distance)
+// Per element: L = w l with w = values[i / block] (SPEC §2.3); grad =
+// (scal[1] w) dl/dx where scal[1] = 1/denominator was written on the device
+// by reduce.cu, so no host round trip sits between the passes.
+//
+// Launch shape: elementwise_fwd_bwd: 1-D grid, blockDim.x a multiple of 32,
+// each thread a grid-strided set of elements; one float64 partial of sum(L)
+// per block (reduce_finish adds them). cosine_fwd_bwd: one thread per
+// measurement n = o*inner + i, reading p[o, :, i] at stride `inner`, so that a
+// warp reads consecutive i (coalesced when inner > 1).
+//
+// Memory traffic: read x and t, write grad (and L for reduction "none"):
+// 12 bytes per float32 element for fwd+bwd, 8 for the forward only. At
+// 2^26 elements that is 0.8 GB: bandwidth-bound, ~0.3 ms at 3 TB/s.
+//
+// Entry points (<p> in f32, f64, f16, bf16, f16_f32, bf16_f32: input storage,
+// then target storage when it differs):
+//   elementwise_fwd_bwd_<p>(x, t, n, kind, param, w_values, w_count, w_block,
+//       pos_weight, pw_period, scal, loss_out, want_loss, grad, want_grad,
+//       partials, want_partials)
+//   cosine_fwd_bwd_<p>(p, t, rows, length, inner, w_values, w_count, w_block,
+//       scal, loss_rows, grad, want_grad)
+#include "common.cuh"
+#include "losses.cuh"
+
+namespace {
+
+using gl::index_t;
+
+template <int KIND, class T, class P>
+__device__ gl::acc_t<T> elementwise_loop(const T* x, const P* t, index_t n, gl::acc_t<T> param,
+                                         const gl::acc_t<T>* w_values, index_t w_count, index_t w_block,
+                                         const gl::acc_t<T>* pos_weight, index_t pw_period, gl::acc_t<T> inv,
+                                         gl::acc_t<T>* loss_out, int want_loss, T* grad, int want_grad) {
+  typedef gl::acc_t<T> A;
+  A acc = A(0);
+  for (index_t i = gl::global_thread_id(); i < n; i += gl::grid_stride()) {
+    const A xi = gl::load_as_acc(x, i);
+    const A ti = KIND == gll::kIdentity ? xi : (A)gl::load_as_acc(t, i);
+    const A p = pw_period > 0 ? pos_weight[i % pw_period] : A(1);
+    const A w = gll::weight_at(w_values, w_count, w_block, i);
+    A l, dl;
+    gll::elementwise_loss<KIND>(xi, ti, param, p, l, dl);
+    const A wl = w * l;
+    acc += wl;
+    if (want_loss) loss_out[i] = wl;
+    if (want_grad) gl::store_from_acc(grad, i, (inv * w) * dl);
+  }
+  return acc;
+}
+
+template <class T, class P>
+__device__ void elementwise_fwd_bwd(const T* x, const P* t, index_t n, int kind, gl::acc_t<T> param,
+                                    const gl::acc_t<T>* w_values, index_t w_count, index_t w_block,
+                                    const gl::acc_t<T>* pos_weight, index_t pw_period, const double* scal,
+                                    gl::acc_t<T>* loss_out, int want_loss, T* grad, int want_grad,
+                                    double* partials, int want_partials) {
+  typedef gl::acc_t<T> A;
+  __shared__ A scratch[gl::kMaxWarps];
+  const A inv = (A)scal[1];
+  A acc = A(0);
+  // One loop per loss: the switch runs once per thread, not once per element.
+#define GPULOSS_EW_CASE(K)                                                                                   \
+  case K:                                                                                                    \
+    acc = elementwise_loop<K>(x, t, n, param, w_values, w_count, w_block, pos_weight, pw_period, inv,       \
+                              loss_out, want_loss, grad, want_grad);                                        \
+    break;
+  switch (kind) {
+    GPULOSS_EW_CASE(gll::kIdentity)
+    GPULOSS_EW_CASE(gll::kSigmoidXent)
+    GPULOSS_EW_CASE(gll::kLogLoss)
+    GPULOSS_EW_CASE(gll::kSquared)
+    GPULOSS_EW_CASE(gll::kAbsolute)
+    GPULOSS_EW_CASE(gll::kHuber)
+    GPULOSS_EW_CASE(gll::kSmoothL1)
+    GPULOSS_EW_CASE(gll::kHinge)
+    default:
+      acc = gl::quiet_nan<A>();  // an unknown kind is a launcher bug: make it loud
+  }
+#undef GPULOSS_EW_CASE
+  if (want_partials) {
+    acc = gl::block_reduce_sum(acc, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = (double)acc;
+  }
+}
+
+template <class T, class P>
+__device__ void cosine_fwd_bwd(const T* p, const P* t, index_t rows, index_t length, index_t inner,
+                               const gl::acc_t<T>* w_values, index_t w_count, index_t w_block, const double* scal,
+                               gl::acc_t<T>* loss_rows, T* grad, int want_grad) {
+  typedef gl::acc_t<T> A;
+  const A inv = (A)scal[1];
+  for (index_t n = gl::global_thread_id(); n < rows; n += gl::grid_stride()) {
+    const index_t o = n / inner, i = n - o * inner;
+    const index_t base = o * length * inner + i;
+    A dot = A(0);
+    for (index_t k = 0; k < length; ++k) {
+      dot += gl::load_as_acc(p, base + k * inner) * (A)gl::load_as_acc(t, base + k * inner);
+    }
+    const A w = gll::weight_at(w_values, w_count, w_block, n);
+    loss_rows[n] = w * (A(1) - dot);
+    if (want_grad) {
+      const A g = -(inv * w);
+      for (index_t k = 0; k < length; ++k) {
+        gl::store_from_acc(grad, base + k * inner, g * (A)gl::load_as_acc(t, base + k * inner));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+#define GPULOSS_ELEMENTWISE_ENTRIES(sfx, T, P)                                                                  \
+  extern "C" __global__ void elementwise_fwd_bwd_##sfx(                                                         \
+      const T* x, const P* t, gl::index_t n, int kind, gl::acc_t<T> param, const gl::acc_t<T>* w_values,        \
+      gl::index_t w_count, gl::index_t w_block, const gl::acc_t<T>* pos_weight, gl::index_t pw_period,          \
+      const double* scal, gl::acc_t<T>* loss_out, int want_loss, T* grad, int want_grad, double* partials,      \
+      int want_partials) {                                                                                      \
+    elementwise_fwd_bwd<T, P>(x, t, n, kind, param, w_values, w_count, w_block, pos_weight, pw_period, scal,    \
+                              loss_out, want_loss, grad, want_grad, partials, want_partials);                   \
+  }                                                                                                             \
+  GPULOSS_REGISTER(elementwise_fwd_bwd_##sfx)                                                                   \
+  extern "C" __global__ void cosine_fwd_bwd_##sfx(const T* p, const P* t, gl::index_t rows, gl::index_t length, \
+                                                  gl::index_t inner, const gl::acc_t<T>* w_values,              \
+                                                  gl::index_t w_count, gl::index_t w_block, const double* scal, \
+                                                  gl::acc_t<T>* loss_rows, T* grad, int want_grad) {             \
+    cosine_fwd_bwd<T, P>(p, t, rows, length, inner, w_values, w_count, w_block, scal, loss_rows, grad,          \
+                         want_grad);                                                                            \
+  }                                                                                                             \
+  GPULOSS_REGISTER(cosine_fwd_bwd_##sfx)
+
+GPULOSS_FOR_EACH_PAIR(GPULOSS_ELEMENTWISE_ENTRIES)

@@ -1,0 +1,282 @@
+// xent.cu — fused softmax cross entropy, forward and backward in one launch
+// (SPEC §2.1); twin of gpuloss/backends/cpu.py _xent_index_kernel / _xent_prob_kernel.
+//
+// Math. For a row x of C logits, m = max_c x_c and s = sum_c exp(x_c - m)
+// come from one online pass (Milakov & Gimelshein 2018, "Online normalizer
+// calculation for softmax", arXiv 1805.02867, Algorithm 3: the running max is
+// updated and the running sum rescaled by exp(m_old - m_new)); partial states
+// of the threads are merged with the same rule (gl::softmax_combine). Then
+//   -logp_c = (m - x_c) + log(s)        never x_c - logsumexp: at |x| ~ 1e4
+//                                       that difference of two large numbers
+//                                       would lose the digits of log(s)
+//   p_c     = exp((x_c - m) - log(s))
+// Index targets y (PyTorch CrossEntropyLoss with weight, ignore_index and
+// label_smoothing eps; cw = class weights):
+//   l  = (1-eps) cw_y (-logp_y) + eps/C sum_c cw_c (-logp_c)
+//   dl/dx_j = (1-eps) cw_y (p_j - [j=y]) + eps/C (sum(cw) p_j - cw_j)
+//   y == ignore_index: l = 0, grad 0; y outside [0, C) (validate=False): l and
+//   the row's grad NaN, and x[y] is never read.
+// Probability targets t (t' = (1-eps) t + eps/C, wt_c = cw_c t'_c):
+//   l = sum_c wt_c (-logp_c),   dl/dx_j = p_j sum_c wt_c - wt_j.
+// Loss row n is weight[n] * l; grad = scal[1] * weight[n] * dl/dx, scal[1] =
+// 1/denominator written by reduce.cu on the device. A NaN logit makes m and s
+// NaN, so the row's loss and every grad entry of that row are NaN.
+//
+// Launch shapes (chosen from C and the layout by gpuloss/backends/launch.py):
+//   xent_fwd_bwd_<p>          class axis last, C large: one row per block
+//                             (grid-strided over rows), block reductions.
+//   xent_warp_fwd_bwd_<p>     class axis last, C small: a warp holds 32/group
+//                             rows, `group` (a power of two <= 32) lanes each,
+//                             reductions by shuffles only.
+//   xent_strided_fwd_bwd_<p>  class axis not last (logits [outer, C, inner]):
+//                             one thread per measurement n = o*inner + i; the
+//                             threads of a warp read consecutive i, so each
+//                             class step is a coalesced load.
+// Contiguous rows are read with 16-byte vector loads after a scalar head up to
+// the first 16-byte boundary (any row alignment works, including offset views).
+//
+// Memory traffic. Pass 1 reads the row (online max and sum); pass 2 reads it
+// again and writes the gradient. For one row per block the second read hits
+// L2 (a 128256-class float32 row is 0.5 MB; the rows in flight fit in H100's
+// 50 MB L2), so DRAM sees read x + write grad = 8 bytes per float32 logit, 4
+// per bf16: the bound to reach is ~85% of the copy bandwidth.
+//
+// Entry points, <p> in f32, f64, f16, bf16, f16_f32, bf16_f32 (logits
+// storage, then the probability-target storage when it differs), all with
+// the parameters of XENT_PARAMS below (`group` for the warp variant only).
+#include "common.cuh"
+#include "losses.cuh"
+
+namespace {
+
+using gl::index_t;
+
+template <class T, class P>
+struct XentArgs {
+  typedef gl::acc_t<T> A;
+  const T* x;
+  index_t rows, C, inner;
+  const int64_t* y;  // index targets, one per measurement
+  const P* t;        // probability targets, the layout of x
+  int index_target;
+  const A* w_values;
+  index_t w_count, w_block;
+  const A* cw;  // class weights, or unused when has_cw == 0 (all ones)
+  int has_cw;
+  int64_t ignore_index;
+  A eps;
+  const double* scal;  // {denominator, 1/denominator}
+  A* loss_rows;        // weight[n] * l[n]
+  T* grad;
+  int want_grad;
+
+  GPULOSS_DEVICE A class_weight(index_t c) const { return has_cw ? cw[c] : A(1); }
+};
+
+// Who cooperates on one row: a whole block, `width` lanes of a warp, or one thread.
+struct BlockGroup {
+  GPULOSS_DEVICE int rank() const { return (int)threadIdx.x; }
+  GPULOSS_DEVICE int size() const { return (int)blockDim.x; }
+  template <class A> GPULOSS_DEVICE A sum(A v) const {
+    __shared__ A scratch[gl::kMaxWarps];
+    return gl::block_reduce_sum(v, scratch);
+  }
+  template <class A> GPULOSS_DEVICE gl::SoftmaxState<A> softmax(gl::SoftmaxState<A> st) const {
+    __shared__ gl::SoftmaxState<A> scratch[gl::kMaxWarps];
+    return gl::block_reduce_softmax(st, scratch);
+  }
+};
+
+struct WarpGroup {
+  int width;
+  GPULOSS_DEVICE int rank() const { return gl::lane_id() & (width - 1); }
+  GPULOSS_DEVICE int size() const { return width; }
+  template <class A> GPULOSS_DEVICE A sum(A v) const { return gl::warp_reduce_sum(v, width); }
+  template <class A> GPULOSS_DEVICE gl::SoftmaxState<A> softmax(gl::SoftmaxState<A> st) const {
+    return gl::warp_reduce_softmax(st, width);
+  }
+};
+
+struct SoloGroup {
+  GPULOSS_DEVICE int rank() const { return 0; }
+  GPULOSS_DEVICE int size() const { return 1; }
+  template <class V> GPULOSS_DEVICE V sum(V v) const { return v; }
+  template <class A> GPULOSS_DEVICE gl::SoftmaxState<A> softmax(gl::SoftmaxState<A> st) const { return st; }
+};
+
+// One measurement n whose classes sit at base + c * stride. Every member of
+// the group calls this with the same n (and `active`: false for the padding
+// lanes of a warp past the last row, which still take part in the shuffles).
+// Reductions are called unconditionally, under conditions uniform across the
+// launch, so no barrier or shuffle is ever skipped by part of a group.
+template <class T, class P, class G>
+__device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, index_t base, index_t stride,
+                         bool active) {
+  typedef gl::acc_t<T> A;
+  const index_t C = a.C;
+  const int rank = grp.rank(), size = grp.size();
+  const T* xr = a.x + (active ? base : 0);
+  T* gr = a.grad + (active ? base : 0);
+  const P* tr = a.t + (active ? base : 0);
+  const A one = A(1);
+  const A eps = a.eps;
+  const A uniform = eps / (A)C;
+
+  int64_t yn = 0;
+  bool ignored = false, invalid = false;
+  if (a.index_target && active) {
+    yn = a.y[n];
+    ignored = yn == a.ignore_index;
+    invalid = !ignored && (yn < 0 || yn >= C);
+  }
+  const bool live = active && !ignored && !invalid;
+  const bool smoothing = a.index_target && eps != A(0);
+
+  // Pass 1: online (max, sum); for probability targets also mass = sum_c wt_c,
+  // for smoothed index targets with class weights sum_c cw_c.
+  gl::SoftmaxState<A> st = gl::softmax_empty<A>();
+  A extra = A(0);
+  if (live) {
+    if (!a.index_target) {
+      gll::visit_row(xr, C, stride, rank, size, [&](index_t c, A v) {
+        gl::softmax_update(st, v);
+        extra += a.class_weight(c) * ((one - eps) * (A)gl::load_as_acc(tr, c * stride) + uniform);
+      });
+    } else if (smoothing && a.has_cw) {
+      gll::visit_row(xr, C, stride, rank, size, [&](index_t c, A v) {
+        gl::softmax_update(st, v);
+        extra += a.cw[c];
+      });
+    } else {
+      gll::visit_row(xr, C, stride, rank, size, [&](index_t, A v) { gl::softmax_update(st, v); });
+    }
+  }
+  st = grp.softmax(st);
+  if (!a.index_target || (smoothing && a.has_cw)) extra = grp.sum(extra);
+  else extra = (A)C;  // sum of unit class weights
+  const A m = st.max;
+  const A log_s = gl::log(st.sum);
+  const A w = active ? gll::weight_at(a.w_values, a.w_count, a.w_block, n) : A(0);
+  const A g = (A)a.scal[1] * w;
+
+  if (a.index_target) {
+    const A cw_y = live ? a.class_weight(yn) : A(0);
+    const A coef_y = g * (one - eps) * cw_y;
+    const A coef_s = g * uniform;
+    const A coef_p = coef_y + coef_s * extra;
+    A smooth = A(0);
+    if (a.want_grad || smoothing) {
+      if (live) {
+        if (a.want_grad) {
+          gll::map_row(xr, gr, C, stride, rank, size, [&](index_t c, A v) {
+            const A p = gl::exp((v - m) - log_s);
+            const A cwc = a.class_weight(c);
+            if (smoothing) smooth += cwc * ((m - v) + log_s);
+            A out = coef_p * p - coef_s * cwc;
+            if (c == yn) out -= coef_y;
+            return out;
+          });
+        } else {
+          gll::visit_row(xr, C, stride, rank, size,
+                         [&](index_t c, A v) { smooth += a.class_weight(c) * ((m - v) + log_s); });
+        }
+      } else if (active && a.want_grad) {
+        gll::fill_row(gr, C, stride, rank, size, ignored ? A(0) : gl::quiet_nan<A>());
+      }
+      if (smoothing) smooth = grp.sum(smooth);
+    }
+    if (active && rank == 0) {
+      A l;
+      if (ignored) {
+        l = A(0);
+      } else if (invalid) {
+        l = gl::quiet_nan<A>();
+      } else {
+        const A x_y = gl::load_as_acc(xr, yn * stride);
+        l = (one - eps) * cw_y * ((m - x_y) + log_s);
+        if (smoothing) l += uniform * smooth;
+        l = w * l;
+      }
+      a.loss_rows[n] = l;
+    }
+  } else {
+    const A mass = extra;
+    A loss = A(0);
+    if (active) {
+      if (a.want_grad) {
+        gll::map_row(xr, gr, C, stride, rank, size, [&](index_t c, A v) {
+          const A wt = a.class_weight(c) * ((one - eps) * (A)gl::load_as_acc(tr, c * stride) + uniform);
+          loss += wt * ((m - v) + log_s);
+          const A p = gl::exp((v - m) - log_s);
+          return g * (p * mass - wt);
+        });
+      } else {
+        gll::visit_row(xr, C, stride, rank, size, [&](index_t c, A v) {
+          const A wt = a.class_weight(c) * ((one - eps) * (A)gl::load_as_acc(tr, c * stride) + uniform);
+          loss += wt * ((m - v) + log_s);
+        });
+      }
+    }
+    loss = grp.sum(loss);
+    if (active && rank == 0) a.loss_rows[n] = w * loss;
+  }
+}
+
+template <class T, class P>
+__device__ void xent_block(const XentArgs<T, P>& a) {
+  const BlockGroup grp;
+  for (index_t n = blockIdx.x; n < a.rows; n += gridDim.x) xent_row(a, grp, n, n * a.C, index_t(1), true);
+}
+
+template <class T, class P>
+__device__ void xent_warp(const XentArgs<T, P>& a, int group) {
+  const WarpGroup grp{group};
+  const index_t rows_per_warp = gl::kWarpSize / group;
+  const index_t warp = gl::global_thread_id() / gl::kWarpSize;
+  const index_t warps = gl::grid_stride() / gl::kWarpSize;
+  // `first` is the same for every lane of the warp: the loop is warp-uniform.
+  for (index_t first = warp * rows_per_warp; first < a.rows; first += warps * rows_per_warp) {
+    const index_t n = first + gl::lane_id() / group;
+    const bool active = n < a.rows;
+    xent_row(a, grp, n, active ? n * a.C : 0, index_t(1), active);
+  }
+}
+
+template <class T, class P>
+__device__ void xent_strided(const XentArgs<T, P>& a) {
+  const SoloGroup grp;
+  for (index_t n = gl::global_thread_id(); n < a.rows; n += gl::grid_stride()) {
+    const index_t o = n / a.inner, i = n - o * a.inner;
+    xent_row(a, grp, n, o * a.C * a.inner + i, a.inner, true);
+  }
+}
+
+}  // namespace
+
+#define XENT_PARAMS(T, P)                                                                                    \
+  const T *x, gl::index_t rows, gl::index_t classes, gl::index_t inner, const int64_t *y, const P *t,        \
+      int index_target, const gl::acc_t<T> *w_values, gl::index_t w_count, gl::index_t w_block,              \
+      const gl::acc_t<T> *cw, int has_cw, int64_t ignore_index, gl::acc_t<T> eps, const double *scal,        \
+      gl::acc_t<T> *loss_rows, T *grad, int want_grad
+#define XENT_ARGS(T, P)                                                                                       \
+  XentArgs<T, P> a{x,  rows, classes, inner, y,   t,   index_target, w_values, w_count, w_block, cw, has_cw, \
+                   ignore_index, eps, scal, loss_rows, grad, want_grad}
+
+#define GPULOSS_XENT_ENTRIES(sfx, T, P)                                                                 \
+  extern "C" __global__ void xent_fwd_bwd_##sfx(XENT_PARAMS(T, P)) {                                    \
+    XENT_ARGS(T, P);                                                                                    \
+    xent_block(a);                                                                                      \
+  }                                                                                                     \
+  GPULOSS_REGISTER(xent_fwd_bwd_##sfx)                                                                  \
+  extern "C" __global__ void xent_warp_fwd_bwd_##sfx(XENT_PARAMS(T, P), int group) {                    \
+    XENT_ARGS(T, P);                                                                                    \
+    xent_warp(a, group);                                                                                \
+  }                                                                                                     \
+  GPULOSS_REGISTER(xent_warp_fwd_bwd_##sfx)                                                             \
+  extern "C" __global__ void xent_strided_fwd_bwd_##sfx(XENT_PARAMS(T, P)) {                            \
+    XENT_ARGS(T, P);                                                                                    \
+    xent_strided(a);                                                                                    \
+  }                                                                                                     \
+  GPULOSS_REGISTER(xent_strided_fwd_bwd_##sfx)
+
+GPULOSS_FOR_EACH_PAIR(GPULOSS_XENT_ENTRIES)
