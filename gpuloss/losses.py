@@ -20,6 +20,10 @@ __all__ = ["softmax_cross_entropy", "sigmoid_cross_entropy", "log_loss", "mean_s
            "absolute_difference", "huber", "smooth_l1", "hinge", "cosine_distance", "weighted_reduce"]
 
 
+# ignore_index=None ignores nothing: the plan carries the one int64 no class index can be.
+NO_IGNORE_INDEX = int(np.iinfo(np.int64).min)
+
+
 def _check_flag(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
@@ -55,7 +59,8 @@ def softmax_cross_entropy(logits, target, *, axis: int = -1, weight=None, class_
                           return_grad: bool = False, validate: bool = True, backend: str | None = None):
     """Numerically stable softmax cross entropy (SPEC §2.1).
 
-    ``logp = logits - logsumexp(logits, axis)``.  With class-index ``target``
+    ``logp = logits - logsumexp(logits, axis)``.  ``ignore_index=None`` ignores no
+    label (every target must then be a class index).  With class-index ``target``
     (integer, shape of ``logits`` without ``axis``)::
 
         l[n] = (1-eps) * cw[y] * -logp[n, y] + eps/C * sum_c cw[c] * -logp[n, c]
@@ -95,8 +100,10 @@ def softmax_cross_entropy(logits, target, *, axis: int = -1, weight=None, class_
         v.check_same_shape("target (probabilities)", target, "logits", logits)
     else:
         raise TypeError(f"target must be integer class indices or floating probabilities; got {target.dtype}")
+    if ignore_index is None:  # no label is ignored (Caffe without ignore_label): -100 is then invalid
+        ignore_index = NO_IGNORE_INDEX
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+        raise TypeError(f"ignore_index must be an int or None; got {type(ignore_index).__name__}")
     eps = v.check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     red = v.check_reduction(reduction)
     w_values, w_block = v.weight_layout("weight", weight, loss_shape, be.xp, dtypes.compute)

@@ -229,13 +229,13 @@ def test_plain_python_numbers_are_refused_with_the_position(mod):
     k = mod.get_function("emu_tree_sum_f32")
     with pytest.raises(TypeError, match=r"argument 2 is a plain Python int .*np\.int32\(4\)"):
         k(1, 32, (out, out, 4))
-    with pytest.raises(TypeError, match=r"argument 2 .*int \(np\.int32\), got np\.int64"):
+    with pytest.raises(TypeError, match=r"argument 2: .*int \(np\.int32\), got np\.int64"):
         k(1, 32, (out, out, np.int64(4)))
-    with pytest.raises(TypeError, match=r"argument 0 .*4-byte elements.*float64"):
+    with pytest.raises(TypeError, match=r"argument 0: .*4-byte elements.*float64"):
         k(1, 32, (out.astype(np.float64), out, np.int32(4)))
     with pytest.raises(TypeError, match=r"takes 3 arguments"):
         k(1, 32, (out, out))
-    with pytest.raises(TypeError, match=r"argument 1 .*got list"):
+    with pytest.raises(TypeError, match=r"argument 1: .*got list"):
         k(1, 32, (out, [1.0], np.int32(1)))
 
 

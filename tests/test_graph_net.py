@@ -408,3 +408,25 @@ def test_emulated_backend_trains_the_same_as_cpu():
         results.append((losses, net.params["ip"][0].data.copy()))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_in_place_layer_on_an_input_that_another_layer_also_reads():
+    """ip reads x before an in-place ReLU on x: the ReLU gets its own buffer (net.blobs['x'] is the
+    ReLU's value) and every forward still feeds the caller's x to ip."""
+    net = Net([L.Input("in", top="x", shape=(3, 4)),
+               L.InnerProduct("ip", "x", "z", num_output=2, weight_filler=G, loss_weight=1.0),
+               L.ReLU("relu", "x", "x", loss_weight=0.5)],
+              backend="cpu", dtype=np.float64, force_backward=True)
+    for seed in (0, 1):
+        x = np.random.default_rng(seed).standard_normal((3, 4))
+        total = net.forward(x=x)
+        np.testing.assert_array_equal(net.blobs["x"].data, np.maximum(x, 0))
+        w, b = (p.data for p in net.params["ip"])
+        np.testing.assert_allclose(float(total), (x @ w.T + b).sum() + 0.5 * np.maximum(x, 0).sum(), rtol=1e-12)
+    x = np.random.default_rng(2).standard_normal((3, 4))
+    net.forward(x=x)
+    net.backward()
+    input_blob = net.input_blobs["x"]
+    assert input_blob is not net.blobs["x"]
+    np.testing.assert_allclose(input_blob.diff, np.ones((3, 2)) @ w + 0.5 * (x > 0), rtol=1e-12)
+    check_gradients(net, {"x": x})

@@ -159,5 +159,16 @@ def test_flags_must_be_bool(xy):
     x, y = xy
     with pytest.raises(TypeError, match=r"return_grad must be a bool"):
         gl.softmax_cross_entropy(x, y, return_grad="yes")
-    with pytest.raises(TypeError, match=r"ignore_index must be an int"):
+    with pytest.raises(TypeError, match=r"ignore_index must be an int or None"):
         gl.softmax_cross_entropy(x, y, ignore_index=1.5)
+
+
+def test_ignore_index_none_ignores_nothing(xy):
+    x, y = xy
+    y = y.copy()
+    y[2] = -100
+    with pytest.raises(ValueError, match=r"target\[2\] = -100 is not a class index in \[0, 5\)"):
+        gl.softmax_cross_entropy(x, y, ignore_index=None)
+    y[2] = 1
+    np.testing.assert_array_equal(gl.softmax_cross_entropy(x, y, ignore_index=None, reduction="none"),
+                                  gl.softmax_cross_entropy(x, y, reduction="none"))

@@ -10,6 +10,7 @@ float64 (at least the float32 SPEC §3 asks for).
 from __future__ import annotations
 
 import math
+import types
 
 import numba
 import numpy as np
@@ -29,6 +30,40 @@ CHUNK = 16384
 # float32 rounding stays near 1e-7 relative whatever C is.
 SUM_BLOCK = 512
 F32_ZERO = np.float32(0.0)
+# Fast-math flags of the vectorised loops: ``reassoc`` lets LLVM split sums into
+# vector lanes (a fixed order for a given build), ``contract`` allows FMA.  No
+# flag assumes the absence of NaN or inf.
+_VEC = {"reassoc", "contract"}
+
+# Below this many elements a kernel runs on the calling thread only: waking
+# the thread pool costs more than the work (milliseconds on a busy 2-core
+# machine, measured in the layer graph's training loop).
+SERIAL_BELOW = 1 << 16
+
+
+class _KernelPair:
+    """One kernel source compiled twice: ``prange`` over threads, and a serial twin.
+
+    Called as ``kernel(work, *args)``; ``work`` (elements touched) picks the
+    variant.  Results are the same either way: no kernel splits a sum by thread.
+    """
+
+    def __init__(self, py_func, options):
+        self.parallel = njit(parallel=True, cache=True, **options)(py_func)
+        serial = types.FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__ + "_serial",
+                                    py_func.__defaults__, py_func.__closure__)
+        serial.__qualname__ = py_func.__qualname__ + "_serial"  # its own on-disk cache entry
+        self.serial = njit(parallel=False, cache=True, **options)(serial)
+        self.__doc__ = py_func.__doc__
+
+    def __call__(self, work: int, *args):
+        return (self.serial if work < SERIAL_BELOW else self.parallel)(*args)
+
+
+def parallel_kernel(**options):
+    """Decorator: a _KernelPair of the function, compiled with Numba ``options``."""
+    return lambda py_func: _KernelPair(py_func, options)
+
 
 # Element-wise loss ids, shared by the kernel below and ElementwisePlan.loss names.
 _KIND = {"identity": 0, "sigmoid_cross_entropy": 1, "log_loss": 2, "mean_squared_error": 3,
@@ -84,37 +119,47 @@ def _elementwise_loss(kind, x, t, param, pos_weight, one, zero):
     return zero, zero
 
 
-@njit(parallel=True, cache=True)
-def _elementwise_kernel(kind, x, t, w_values, w_block, pos_weight, pw_period, param, grad_scale,
-                        want_loss, want_grad, loss_out, grad_out, partials):
-    """Per element i: L = w[i // w_block] * l(x, t); grad = grad_scale * w * dl/dx.
+def _make_elementwise_kernel(name: str, kind: int):
+    """The element-wise kernel specialised for one loss.
 
-    Writes L (if want_loss), grad (if want_grad) and one float64 partial sum of L per CHUNK.
+    ``kind`` is a closure constant, so the branches of _elementwise_loss fold
+    away and each loss gets its own vectorised loop from this one source; the
+    distinct ``__qualname__`` keeps Numba's on-disk cache entries apart.
     """
-    n = x.size
-    zero = param - param  # 0 and 1 in the compute dtype (param is finite)
-    one = zero + 1
-    for c in prange(partials.size):
-        lo = c * CHUNK
-        hi = min(n, lo + CHUNK)
-        acc = 0.0
-        i = lo
-        while i < hi:  # walk the chunk one weight segment at a time: no division per element
-            b = i // w_block
-            seg_hi = min(hi, (b + 1) * w_block)
-            w = w_values[b]
-            g = grad_scale * w
-            for j in range(i, seg_hi):
-                p = pos_weight[j % pw_period] if pw_period > 0 else one
-                l, dl = _elementwise_loss(kind, x[j], t[j], param, p, one, zero)
-                wl = w * l
-                acc += wl
-                if want_loss:
-                    loss_out[j] = wl
-                if want_grad:
-                    grad_out[j] = g * dl
-            i = seg_hi
-        partials[c] = acc
+
+    def kernel(x, t, w_values, w_block, pos_weight, pw_period, param, grad_scale, want_loss, want_grad,
+               loss_out, grad_out, partials):
+        # Per element i: L = w[i // w_block] * l(x, t); grad = grad_scale * w * dl/dx.  Writes L (if
+        # want_loss), grad (if want_grad) and one float64 partial sum of L per CHUNK (fixed order).
+        n = x.size
+        zero = param - param  # 0 and 1 in the compute dtype (param is finite)
+        one = zero + np.float32(1)
+        for c in prange(partials.size):
+            hi = min(n, c * CHUNK + CHUNK)
+            acc = 0.0
+            i = c * CHUNK
+            while i < hi:  # one weight segment at a time: no division per element
+                b = i // w_block
+                w = w_values[b]
+                g = grad_scale * w
+                seg_hi = min(hi, (b + 1) * w_block)
+                for j0 in range(i, seg_hi, SUM_BLOCK):  # vector-lane partial sums, added into float64
+                    block_sum = zero
+                    for j in range(j0, min(seg_hi, j0 + SUM_BLOCK)):
+                        p = pos_weight[j % pw_period] if pw_period > 0 else one
+                        l, dl = _elementwise_loss(kind, x[j], t[j], param, p, one, zero)
+                        wl = w * l
+                        block_sum += wl
+                        if want_loss:
+                            loss_out[j] = wl
+                        if want_grad:
+                            grad_out[j] = g * dl
+                    acc += block_sum
+                i = seg_hi
+            partials[c] = acc
+
+    kernel.__name__ = kernel.__qualname__ = f"_elementwise_kernel_{name}"
+    return parallel_kernel(fastmath=_VEC)(kernel)
 
 
 @njit(inline="always")
@@ -174,7 +219,7 @@ def _ignored_row(n, want_grad, loss_out, grad_out):
             grad_out[n, c] = 0.0
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel()
 def _xent_index_kernel(x, y, w_row, class_weight, ignore_index, eps, grad_scale, want_grad, loss_out, grad_out):
     """Cross entropy with class-index targets, one row per iteration, scalar math (float64 inputs)."""
     cw_sum = 0.0
@@ -191,9 +236,7 @@ def _xent_index_kernel(x, y, w_row, class_weight, ignore_index, eps, grad_scale,
 # The float32 sweeps of the fast cross entropy, one small function each: LLVM
 # vectorises a loop reliably only when the function around it is simple (a
 # smoothing loop beside the exp loop in one body cost 3x, measured).
-# ``reassoc`` lets it reorder the sums into vector lanes; it assumes nothing
 # about NaN or inf.
-_VEC = {"reassoc", "contract"}
 
 
 @njit(cache=True, fastmath=_VEC)
@@ -258,7 +301,7 @@ def _row_finish_grad(g, coef, b, class_weight, has_class_weight):
             g[c] = coef * g[c] - b
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel()
 def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, ignore_index, eps, grad_scale, want_grad,
                            loss_out, grad_out):
     """Float32 cross entropy with class-index targets at the memory and exp limit.
@@ -302,7 +345,7 @@ def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, ignore_i
             grad_out[n, yn] -= a
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel()
 def _xent_prob_kernel(x, t, w_row, class_weight, eps, grad_scale, want_grad, loss_out, grad_out):
     """Cross entropy with probability targets t' = (1-eps) t + eps/C:
     l = -sum_c cw_c t'_c logp_c,   dl/dx_j = p_j sum_c cw_c t'_c - cw_j t'_j."""
@@ -325,7 +368,7 @@ def _xent_prob_kernel(x, t, w_row, class_weight, eps, grad_scale, want_grad, los
                 grad_out[n, c] = g * (p * mass - wt)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel()
 def _cosine_kernel(p, t, w_row, grad_scale, want_grad, loss_out, grad_out):
     """l = 1 - sum_k p_k t_k per row (TF cosine_distance); dl/dp_k = -t_k."""
     rows, length = p.shape
@@ -338,6 +381,9 @@ def _cosine_kernel(p, t, w_row, grad_scale, want_grad, loss_out, grad_out):
             g = -grad_scale * w_row[n]
             for k in range(length):
                 grad_out[n, k] = g * t[n, k]
+
+
+_ELEMENTWISE_KERNELS = {name: _make_elementwise_kernel(name, kind) for name, kind in _KIND.items()}
 
 
 def _scalar(value, dtype):
@@ -366,16 +412,16 @@ class CpuBackend:
             scale = float(host.inverse(denom))
             eps, grad_scale = _scalar(plan.label_smoothing, dt.compute), _scalar(scale, dt.compute)
             if dt.compute == np.float32:
-                _xent_index_kernel_f32(x, y, w_row, cw, plan.has_class_weight, plan.ignore_index, eps, grad_scale,
+                _xent_index_kernel_f32(x.size, x, y, w_row, cw, plan.has_class_weight, plan.ignore_index, eps, grad_scale,
                                        plan.return_grad, loss_rows, grad)
             else:
-                _xent_index_kernel(x, y, w_row, cw, plan.ignore_index, eps, grad_scale, plan.return_grad,
+                _xent_index_kernel(x.size, x, y, w_row, cw, plan.ignore_index, eps, grad_scale, plan.return_grad,
                                    loss_rows, grad)
         else:
             t = host.rows_last(target, plan.outer, plan.classes, plan.inner, dt.compute)
             denom = host.denominator(plan.reduce, w_values=w_values)
             scale = float(host.inverse(denom))
-            _xent_prob_kernel(x, t, w_row, cw, _scalar(plan.label_smoothing, dt.compute),
+            _xent_prob_kernel(x.size, x, t, w_row, cw, _scalar(plan.label_smoothing, dt.compute),
                               _scalar(scale, dt.compute), plan.return_grad, loss_rows, grad)
         loss = host.finish_rows(plan.reduce, loss_rows, denom, dt)
         if not plan.return_grad:
@@ -405,7 +451,7 @@ class CpuBackend:
         loss_out = np.empty(size if want_loss else 0, dt.compute)
         grad = np.empty(size if return_grad else 0, dt.compute)
         partials = np.empty(math.ceil(size / CHUNK), np.float64)
-        _elementwise_kernel(_KIND[kind], x, t, w_values, reduce.weight_block, pw, pw_period,
+        _ELEMENTWISE_KERNELS[kind](size, x, t, w_values, reduce.weight_block, pw, pw_period,
                             _scalar(param, dt.compute), _scalar(scale, dt.compute), want_loss, return_grad,
                             loss_out, grad, partials)
         if want_loss:
@@ -423,7 +469,7 @@ class CpuBackend:
         scale = float(host.inverse(denom))
         loss_rows = np.empty(plan.rows, dt.compute)
         grad = np.empty(p.shape if plan.return_grad else (0, 0), dt.compute)
-        _cosine_kernel(p, t, w_row, _scalar(scale, dt.compute), plan.return_grad, loss_rows, grad)
+        _cosine_kernel(p.size, p, t, w_row, _scalar(scale, dt.compute), plan.return_grad, loss_rows, grad)
         loss = host.finish_rows(plan.reduce, loss_rows, denom, dt)
         if not plan.return_grad:
             return loss, None

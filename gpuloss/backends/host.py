@@ -58,8 +58,9 @@ def check_class_targets(target, classes: int, ignore_index: int) -> None:
         pos = first_bad_position(tuple(target.shape), flat)
         value = int(target.reshape(-1)[flat])
         where = f"target[{', '.join(map(str, pos))}]" if pos else "target"
-        raise ValueError(f"{where} = {value} is not a class index in [0, {classes}) nor "
-                         f"ignore_index={ignore_index}; pass validate=False to get NaN for such rows instead")
+        ignored = "" if ignore_index == np.iinfo(np.int64).min else f" nor ignore_index={ignore_index}"
+        raise ValueError(f"{where} = {value} is not a class index in [0, {classes}){ignored}; "
+                         f"pass validate=False to get NaN for such rows instead")
 
 
 def index_target_weights(y, w_row, class_weight, ignore_index: int):

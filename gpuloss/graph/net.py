@@ -138,6 +138,7 @@ class Net:
         self.blobs: dict[str, Blob] = {}
         self.input_names: list[str] = []
         self._input_shapes: dict[str, tuple] = {}
+        self._input_blobs: dict[str, Blob] = {}   # blobs[name] may later be an in-place layer's copy
         shapes: dict[int, tuple] = {}
         current: dict[str, tuple] = {}
         for name, shape in inputs.items():
@@ -145,6 +146,7 @@ class Net:
             self.blobs[name] = blob
             current[name] = (blob, ("input", name))
             self.input_names.append(name)
+            self._input_blobs[name] = blob
             self._input_shapes[name] = shapes[id(blob)] = tuple(int(d) for d in shape)
         self._bottoms, self._tops = [], []
         for i, layer in enumerate(self.layers):
@@ -166,8 +168,9 @@ class Net:
                 current[t] = (blob, (i, t))
                 self.blobs[t] = blob
             if layer.type == "Input":
-                for t, shape in zip(layer.top, top_shapes):
+                for t, blob, shape in zip(layer.top, tops, top_shapes):
                     self.input_names.append(t)
+                    self._input_blobs[t] = blob
                     self._input_shapes[t] = tuple(shape)
             self._bottoms.append(bottoms)
             self._tops.append(tops)
@@ -181,8 +184,8 @@ class Net:
 
         # Which layers need backward (Caffe's Net::Init): a bottom gets a gradient when the layer can
         # pass one and the blob leads back to a learnable parameter (or force_backward asks for it).
-        for name in self.input_names:
-            self.blobs[name].need_backward = False
+        for blob in self._input_blobs.values():
+            blob.need_backward = False
         self._propagate_down, self._need_backward = [], []
         for layer, bottoms, tops in zip(self.layers, self._bottoms, self._tops):
             pd = []
@@ -253,7 +256,7 @@ class Net:
         if arr.ndim != len(declared) or tuple(arr.shape[1:]) != tuple(declared[1:]):
             raise GraphError(f"input {name!r} has shape {tuple(arr.shape)}; the net declares "
                              f"{declared} (any batch size, the other dimensions as declared)")
-        self.blobs[name].data = arr
+        self._input_blobs[name].data = arr
 
     def forward(self, **inputs):
         """Run every layer; return the total loss as a 0-d array on the backend's device.
@@ -263,7 +266,7 @@ class Net:
         for name, value in inputs.items():
             self._set_input(name, value)
         for name in self.input_names:
-            if self.blobs[name].data is None:
+            if self._input_blobs[name].data is None:
                 raise GraphError(f"input {name!r} was never given to forward() (inputs: {self.input_names})")
         self._total = self.xp.zeros((), dtype=self.dtype)
         self._terms = []
@@ -352,6 +355,12 @@ class Net:
     def input_shape(self, name: str) -> tuple:
         return self._input_shapes[name]
 
+    @property
+    def input_blobs(self) -> dict[str, Blob]:
+        """The blobs ``forward`` fills, by name (differs from ``blobs[name]`` when an in-place layer
+        that must keep the input intact writes a copy under the same name)."""
+        return dict(self._input_blobs)
+
     def share_params_from(self, other: "Net") -> None:
         """Use ``other``'s parameter blobs for every same-named layer (Caffe's ShareTrainedLayersWith)."""
         for layer in self.layers:
@@ -373,7 +382,7 @@ class Net:
             value = None
             for layer, bottoms in zip(self.layers, self._bottoms):
                 for j, b in enumerate(bottoms):
-                    if b is self.blobs[name] and value is None:
+                    if b is self._input_blobs[name] and value is None:
                         value = layer.example_input(j, shape, rng)
             out[name] = rng.standard_normal(shape) if value is None else value
         return out

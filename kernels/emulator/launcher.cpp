@@ -99,49 +99,44 @@ class BlockSync {
     return (int)bar_result_;
   }
 
+  // A round is one execution of a warp intrinsic by the live lanes of its
+  // mask. Rounds of different masks may be pending at once (lanes 0-15 in a
+  // full-warp __syncwarp while lanes 16-31 finish a shuffle of their own);
+  // a lane joins the pending round of its mask, or opens one.
   unsigned warp_exchange(unsigned mask, uint64_t mine, uint64_t* all) {
     std::unique_lock<std::mutex> lk(m_);
+    if (aborted_) throw KernelAbort{};
     Warp& w = warps_[ctx.warp];
     const uint32_t me = 1u << ctx.lane;
     mask |= me;  // the caller is always part of its own mask (CUDA requires it)
-    for (;;) {
-      if (aborted_) throw KernelAbort{};
-      if (w.arrived != 0) {
-        if (w.round_mask == mask) break;
-        if (w.round_mask & me) {
-          abort_locked(where() + ": lane " + std::to_string(ctx.lane) + " of warp " + std::to_string(ctx.warp) +
-                       " called a warp intrinsic with mask " + hex(mask) + " while the lanes of mask " +
-                       hex(w.round_mask) + " (which include it) wait in one: masks differ inside one exchange");
-          throw KernelAbort{};
-        }
-      } else if (w.unread[w.gen & 1u] == 0) {
-        // Two buffers alternate; the one two rounds back must be fully read.
-        w.round_mask = mask;
-        break;
-      }
-      // The warp is busy with an exchange this lane is not part of: wait.
-      const uint64_t epoch = w.join_epoch;
-      ++w.joiners;
-      ++blocked_;
-      check_deadlock();
-      w.cv.wait(lk, [&] { return aborted_ || w.join_epoch != epoch; });
+    Round* r = nullptr;
+    for (Round& c : w.rounds)
+      if (c.in_use && !c.done && c.mask == mask) { r = &c; break; }
+    if (!r) {
+      // Each lane is in at most one round (pending, or done and not yet read
+      // by it), so 32 rounds per warp always leave one free.
+      for (Round& c : w.rounds)
+        if (!c.in_use) { r = &c; break; }
+      r->in_use = true;
+      r->done = false;
+      r->mask = mask;
+      r->arrived = 0;
+      r->waiters = r->unread = 0;
     }
-    const unsigned buf = w.gen & 1u;
-    w.arrived |= me;
-    w.slot[buf][ctx.lane] = mine;
-    if (round_complete(w)) {
-      complete_round(w);
+    r->arrived |= me;
+    r->slot[ctx.lane] = mine;
+    if (round_complete(w, *r)) {
+      complete_round(w, *r);
     } else {
-      const uint64_t gen = w.gen;
-      ++w.waiters;
+      ++r->waiters;
       ++blocked_;
       check_deadlock();
-      w.cv.wait(lk, [&] { return aborted_ || w.gen != gen; });
-      if (w.gen == gen) throw KernelAbort{};
+      w.cv.wait(lk, [&] { return aborted_ || r->done; });
+      if (!r->done) throw KernelAbort{};
     }
-    std::memcpy(all, w.slot[buf], sizeof(w.slot[buf]));
-    const unsigned took_part = w.part[buf];
-    if (--w.unread[buf] == 0) release_joiners(w);
+    std::memcpy(all, r->slot, sizeof(r->slot));
+    const unsigned took_part = r->arrived;
+    if (--r->unread == 0) r->in_use = false;
     return took_part;
   }
 
@@ -155,7 +150,8 @@ class BlockSync {
     if (!aborted_) {
       // An exited thread stops counting (as on the GPU): its departure may be
       // the last thing a barrier or a warp round was waiting for.
-      if (w.arrived != 0 && round_complete(w)) complete_round(w);
+      for (Round& r : w.rounds)
+        if (r.in_use && !r.done && round_complete(w, r)) complete_round(w, r);
       if (bar_arrived_ != 0 && bar_arrived_ == live_) complete_barrier();
       check_deadlock();
     }
@@ -191,19 +187,21 @@ class BlockSync {
   }
 
  private:
+  struct Round {
+    bool in_use = false;
+    bool done = false;
+    uint32_t mask = 0;
+    uint32_t arrived = 0;  // lanes that joined; after completion, the lanes that took part
+    unsigned waiters = 0;  // blocked lanes (released together at completion)
+    unsigned unread = 0;   // lanes yet to copy the result out, once done
+    uint64_t slot[32] = {};
+  };
+
   struct Warp {
     std::condition_variable cv;
-    uint32_t lanes = 0;       // lanes that exist (the last warp may be partial)
-    uint32_t live = 0;        // lanes that have not left the block
-    uint32_t arrived = 0;     // lanes inside the collecting round
-    uint32_t round_mask = 0;  // mask of the collecting round
-    uint64_t gen = 0;         // completed rounds; gen & 1 picks the buffer
-    uint64_t slot[2][32] = {};
-    uint32_t part[2] = {0, 0};    // lanes that took part, per buffer
-    unsigned unread[2] = {0, 0};  // participants yet to copy their result out
-    unsigned waiters = 0;         // blocked participants of the collecting round
-    unsigned joiners = 0;         // blocked lanes waiting for the warp to be free
-    uint64_t join_epoch = 0;
+    uint32_t lanes = 0;  // lanes that exist (the last warp may be partial)
+    uint32_t live = 0;   // lanes that have not left the block
+    Round rounds[32];
   };
 
   static std::string hex(uint32_t v) {
@@ -212,29 +210,16 @@ class BlockSync {
     return buf;
   }
 
-  bool round_complete(const Warp& w) const {
-    const uint32_t need = w.round_mask & w.live;
-    return (w.arrived & need) == need;
+  static bool round_complete(const Warp& w, const Round& r) {
+    const uint32_t need = r.mask & w.live;
+    return (r.arrived & need) == need;
   }
 
-  void complete_round(Warp& w) {
-    const unsigned buf = w.gen & 1u;
-    w.part[buf] = w.arrived;
-    w.unread[buf] = (unsigned)std::popcount(w.arrived);
-    w.arrived = 0;
-    w.round_mask = 0;
-    ++w.gen;
-    blocked_ -= w.waiters;
-    w.waiters = 0;
-    release_joiners(w);
-    w.cv.notify_all();
-  }
-
-  void release_joiners(Warp& w) {
-    if (w.joiners == 0) return;
-    blocked_ -= w.joiners;
-    w.joiners = 0;
-    ++w.join_epoch;
+  void complete_round(Warp& w, Round& r) {
+    r.done = true;
+    r.unread = (unsigned)std::popcount(r.arrived);
+    blocked_ -= r.waiters;
+    r.waiters = 0;
     w.cv.notify_all();
   }
 
@@ -255,10 +240,10 @@ class BlockSync {
     msg += std::to_string(bar_arrived_) + " at __syncthreads";
     for (unsigned i = 0; i < nwarps_; ++i) {
       const Warp& w = warps_[i];
-      if (w.arrived)
-        msg += "; warp " + std::to_string(i) + ": lanes " + hex(w.arrived) + " in a warp intrinsic with mask " +
-               hex(w.round_mask) + ", live lanes " + hex(w.live);
-      if (w.joiners) msg += "; warp " + std::to_string(i) + ": " + std::to_string(w.joiners) + " lanes queued";
+      for (const Round& r : w.rounds)
+        if (r.in_use && !r.done)
+          msg += "; warp " + std::to_string(i) + ": lanes " + hex(r.arrived) + " in a warp intrinsic with mask " +
+                 hex(r.mask) + " (live lanes " + hex(w.live) + ")";
     }
     msg += "; " + std::to_string(n_ - live_) + " of " + std::to_string(n_) +
            " threads exited). A __syncthreads() or *_sync() call that not every live thread reaches is "
@@ -284,9 +269,7 @@ class BlockSync {
       const unsigned nl = (i + 1) * 32 <= n_ ? 32u : n_ - i * 32;
       w.lanes = nl == 32 ? 0xffffffffu : ((1u << nl) - 1u);
       w.live = w.lanes;
-      w.arrived = w.round_mask = 0;
-      w.unread[0] = w.unread[1] = 0;
-      w.waiters = w.joiners = 0;
+      for (Round& r : w.rounds) r.in_use = false;
     }
   }
 
