@@ -75,7 +75,8 @@ def softmax_cross_entropy(logits, target, *, axis=-1, weight=None, class_weight=
             y = np.asarray(target)
             valid = y != ignore_index
             ys = np.where(valid, y, 0)
-            onehot = np.eye(C)[ys]
+            onehot = np.zeros(x.shape)
+            np.put_along_axis(onehot, ys[..., None], 1.0, axis=-1)
             # PyTorch CrossEntropyLoss docs: l = (1-eps) * cw[y] * -logp[y] + eps/C * sum_c cw[c] * -logp[c]
             nll = -np.take_along_axis(logp, ys[..., None], -1)[..., 0]
             smooth = -np.sum(cw * logp, axis=-1) if eps else 0.0

@@ -256,21 +256,47 @@ def _row_nan_count(row):
 
 
 @njit(cache=True, fastmath=_VEC)
-def _row_sum_exp(row, m, e_out, store):
-    """sum_c exp(row_c - m), in float32 blocks of SUM_BLOCK added into float64; e_c kept in e_out if store."""
+def _block_sum_exp(row, m, e_out, store, b0, b1):
+    """Float32 sum of exp(row_c - m) over [b0, b1); e_c kept in e_out if store."""
+    block_sum = F32_ZERO
+    if store:
+        for c in range(b0, b1):
+            e = exp_nonpositive(row[c] - m)
+            e_out[c] = e
+            block_sum += e
+    else:
+        for c in range(b0, b1):
+            block_sum += exp_nonpositive(row[c] - m)
+    return block_sum
+
+
+@njit(cache=True, fastmath=_VEC)
+def _block_sum_exp_except(row, m, e_out, store, b0, b1, skip):
+    """Float64 sum of exp(row_c - m) over [b0, b1) leaving out c = skip."""
+    s = 0.0
+    for c in range(b0, b1):
+        e = exp_nonpositive(row[c] - m)
+        if store:
+            e_out[c] = e
+        s += np.float64(e) if c != skip else 0.0
+    return s
+
+
+@njit(cache=True)
+def _row_sum_exp_except(row, m, e_out, store, skip):
+    """sum_{c != skip} exp(row_c - m): float32 blocks of SUM_BLOCK added into float64.
+
+    The target's block is summed in float64 without the target's own term, so
+    that a confident row (e_y = 1, every other term tiny) keeps its tiny sum:
+    in a float32 block, 1 + 1e-9 is 1, and the loss log1p(rest) would be lost.
+    """
     s = 0.0
     for b0 in range(0, row.size, SUM_BLOCK):
         b1 = min(row.size, b0 + SUM_BLOCK)
-        block_sum = F32_ZERO
-        if store:
-            for c in range(b0, b1):
-                e = exp_nonpositive(row[c] - m)
-                e_out[c] = e
-                block_sum += e
+        if b0 <= skip < b1:
+            s += _block_sum_exp_except(row, m, e_out, store, b0, b1, skip)
         else:
-            for c in range(b0, b1):
-                block_sum += exp_nonpositive(row[c] - m)
-        s += block_sum
+            s += _block_sum_exp(row, m, e_out, store, b0, b1)
     return s
 
 
@@ -308,8 +334,9 @@ def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, ignore_i
 
     Per row, sweeps over data in L2 after the first: (1) max, (2) NaN count,
     (3) e_c = exp(x_c - m) with cpu_math's vectorised exp, stored into the
-    gradient row while s = sum e_c accumulates, (4) the gradient finished in
-    place: grad_c = (a + b sum(cw)) e_c / s - b cw_c, grad_y -= a.  The sums
+    gradient row while rest = sum_{c != y} e_c accumulates, (4) the gradient
+    finished in place: grad_c = (a + b sum(cw)) e_c / s - b cw_c, and grad_y
+    from rest directly.  The sums
     have a fixed order, so results do not depend on the thread count.  Rows
     holding NaN or +inf, an all -inf row, or an invalid target take the scalar
     path of _xent_index_row.
@@ -329,10 +356,14 @@ def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, ignore_i
         if _row_nan_count(row) != 0 or not (-np.inf < m < np.inf) or yn < 0 or yn >= classes:
             _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, grad_scale, want_grad, loss_out, grad_out)
             continue
-        s = _row_sum_exp(row, m, grad_out[n] if want_grad else row, want_grad)
+        rest = _row_sum_exp_except(row, m, grad_out[n] if want_grad else row, want_grad, yn)
+        e_y = exp_nonpositive(row[yn] - m)
+        s = rest + e_y
         log_s = math.log(s)
+        # -logp_y = (m - x_y) + log s; when y holds the max, e_y = 1 and it is log1p(rest), exact for tiny losses.
+        nll = math.log1p(rest) if row[yn] == m else (m - row[yn]) + log_s
         cw_y = class_weight[yn]
-        loss = (1.0 - eps) * cw_y * ((m - row[yn]) + log_s)
+        loss = (1.0 - eps) * cw_y * nll
         if eps != 0.0:  # sum_c cw_c (-logp_c) = sum_c cw_c (m - x_c) + sum(cw) log s
             loss += smooth_coef * (_row_weighted_gap(row, class_weight, m) + cw_sum * log_s)
         loss_out[n] = w_row[n] * loss
@@ -342,7 +373,8 @@ def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, ignore_i
             b = g * smooth_coef
             _row_finish_grad(grad_out[n], np.float32((a + b * cw_sum) / s), np.float32(b), class_weight,
                              has_class_weight)
-            grad_out[n, yn] -= a
+            # a (p_y - 1) = -a rest / s: no cancellation when p_y is close to 1.
+            grad_out[n, yn] = -a * rest / s + b * (cw_sum * (e_y / s) - cw_y)
 
 
 @parallel_kernel()

@@ -44,9 +44,11 @@ _DENOM_CONSTANT, _DENOM_SUM, _DENOM_NONZERO = 0, 1, 2
 _SUFFIX = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
 
 # Grid-strided kernels: at least this many elements per thread before another
-# block is added, at most this many blocks (1024 x 256 threads fill an H100's
-# 132 SMs at full occupancy; more blocks only add partials).
-ITEMS_PER_THREAD = 4
+# block is added (16: a block amortises its final reduction over 4096
+# elements; on the emulator each extra block costs ~30 ms of thread
+# hand-overs), at most this many blocks (1024 x 256 threads fill an H100's
+# 132 SMs at full occupancy; more blocks would only add partials).
+ITEMS_PER_THREAD = 16
 MAX_THREADS = 256
 MAX_BLOCKS = 1024
 # Cross entropy with the class axis last: rows of at most this many classes go
