@@ -49,7 +49,7 @@ def _nvrtc_status() -> str:
     try:
         from gpuloss import nvrtc
 
-        return f"NVRTC {nvrtc.version()}"
+        return "NVRTC " + ".".join(map(str, nvrtc.version()))
     except Exception as exc:
         return f"unavailable: {exc}"
 

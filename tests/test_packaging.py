@@ -1,0 +1,42 @@
+"""The repository's promises about itself: CI runs the README's command, the CLI answers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gpuloss
+from gpuloss import cli
+from gpuloss._paths import kernel_sources, kernels_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ci_test_command() -> str:
+    lines = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in ln]
+    assert len(lines) == 1, lines
+    return lines[0].strip()
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    assert _ci_test_command() in readme.splitlines()
+
+
+def test_kernels_are_packaged_and_found():
+    assert (kernels_dir() / "common.cuh").is_file()
+    names = {p.name for p in kernel_sources()}
+    assert {"xent.cu", "elementwise.cu", "reduce.cu"} <= names
+
+
+def test_info_lists_versions_and_backends(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"gpuloss           {gpuloss.__version__}" in out
+    for backend in ("backend cpu", "backend cuda", "backend emulated"):
+        assert backend in out
+
+
+def test_help_lists_every_command(capsys):
+    parser = cli.build_parser()
+    text = parser.format_help()
+    for command in ("train", "time", "bench", "kernels", "info"):
+        assert command in text
