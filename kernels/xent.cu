@@ -9,11 +9,16 @@
 //   -logp_c = (m - x_c) + log(s)        never x_c - logsumexp: at |x| ~ 1e4
 //                                       that difference of two large numbers
 //                                       would lose the digits of log(s)
+//   -logp_y = log1p(rest) when x_y == m, rest = sum_{c != y} exp(x_c - m)
+//                                       kept beside s in the online pass: a
+//                                       confident row's tiny loss stays exact
+//                                       (1 + 1e-9 is 1 in float32)
 //   p_c     = exp((x_c - m) - log(s))
 // Index targets y (PyTorch CrossEntropyLoss with weight, ignore_index and
 // label_smoothing eps; cw = class weights):
 //   l  = (1-eps) cw_y (-logp_y) + eps/C sum_c cw_c (-logp_c)
-//   dl/dx_j = (1-eps) cw_y (p_j - [j=y]) + eps/C (sum(cw) p_j - cw_j)
+//   dl/dx_j = (1-eps) cw_y (p_j - [j=y]) + eps/C (sum(cw) p_j - cw_j),
+//   with p_y - 1 = -rest / s (no cancellation when p_y is close to 1)
 //   y == ignore_index: l = 0, grad 0; y outside [0, C) (validate=False): l and
 //   the row's grad NaN, and x[y] is never read.
 // Probability targets t (t' = (1-eps) t + eps/C, wt_c = cw_c t'_c):
@@ -104,6 +109,26 @@ struct SoloGroup {
   template <class A> GPULOSS_DEVICE gl::SoftmaxState<A> softmax(gl::SoftmaxState<A> st) const { return st; }
 };
 
+// gl::softmax_update, also keeping rest = the sum over the elements with
+// `counted` (every class but the target) under the same running max.
+template <class A>
+GPULOSS_DEVICE void softmax_update_rest(gl::SoftmaxState<A>& st, A& rest, A x, bool counted) {
+  if (x > st.max) {
+    const A scale = gl::softmax_scale(st.max, x);
+    st.sum = st.sum * scale + A(1);
+    rest = rest * scale + (counted ? A(1) : A(0));
+    st.max = x;
+  } else if (!gl::is_nan(x)) {
+    const A e = gl::softmax_scale(x, st.max);
+    st.sum += e;
+    if (counted) rest += e;
+  } else {
+    st.max = x;
+    st.sum = x;
+    rest = x;
+  }
+}
+
 // One measurement n whose classes sit at base + c * stride. Every member of
 // the group calls this with the same n (and `active`: false for the padding
 // lanes of a warp past the last row, which still take part in the shuffles).
@@ -132,30 +157,32 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, index
   const bool live = active && !ignored && !invalid;
   const bool smoothing = a.index_target && eps != A(0);
 
-  // Pass 1: online (max, sum); for probability targets also mass = sum_c wt_c,
-  // for smoothed index targets with class weights sum_c cw_c.
+  // Pass 1: online (max, sum); for index targets also rest = sum_{c != y}
+  // exp(x_c - max) under the same running max; for probability targets
+  // mass = sum_c wt_c; for smoothed index targets with class weights sum_c cw_c.
   gl::SoftmaxState<A> st = gl::softmax_empty<A>();
-  A extra = A(0);
+  A extra = A(0), rest = A(0);
   if (live) {
     if (!a.index_target) {
       gll::visit_row(xr, C, stride, rank, size, [&](index_t c, A v) {
         gl::softmax_update(st, v);
         extra += a.class_weight(c) * ((one - eps) * (A)gl::load_as_acc(tr, c * stride) + uniform);
       });
-    } else if (smoothing && a.has_cw) {
-      gll::visit_row(xr, C, stride, rank, size, [&](index_t c, A v) {
-        gl::softmax_update(st, v);
-        extra += a.cw[c];
-      });
     } else {
-      gll::visit_row(xr, C, stride, rank, size, [&](index_t, A v) { gl::softmax_update(st, v); });
+      const bool sum_cw = smoothing && a.has_cw;
+      gll::visit_row(xr, C, stride, rank, size, [&](index_t c, A v) {
+        softmax_update_rest(st, rest, v, c != yn);
+        if (sum_cw) extra += a.cw[c];
+      });
     }
   }
+  const A m_local = st.max;
   st = grp.softmax(st);
-  if (!a.index_target || (smoothing && a.has_cw)) extra = grp.sum(extra);
-  else extra = (A)C;  // sum of unit class weights
   const A m = st.max;
   const A log_s = gl::log(st.sum);
+  if (a.index_target) rest = grp.sum(rest * gl::softmax_scale(m_local, m));
+  if (!a.index_target || (smoothing && a.has_cw)) extra = grp.sum(extra);
+  else extra = (A)C;  // sum of unit class weights
   const A w = active ? gll::weight_at(a.w_values, a.w_count, a.w_block, n) : A(0);
   const A g = (A)a.scal[1] * w;
 
@@ -172,9 +199,9 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, index
             const A p = gl::exp((v - m) - log_s);
             const A cwc = a.class_weight(c);
             if (smoothing) smooth += cwc * ((m - v) + log_s);
-            A out = coef_p * p - coef_s * cwc;
-            if (c == yn) out -= coef_y;
-            return out;
+            if (c != yn) return coef_p * p - coef_s * cwc;
+            // coef_y (p_y - 1) = -coef_y rest / s: no cancellation when p_y is close to 1.
+            return -coef_y * rest / st.sum + coef_s * (extra * p - cwc);
           });
         } else {
           gll::visit_row(xr, C, stride, rank, size,
@@ -193,7 +220,10 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, index
         l = gl::quiet_nan<A>();
       } else {
         const A x_y = gl::load_as_acc(xr, yn * stride);
-        l = (one - eps) * cw_y * ((m - x_y) + log_s);
+        // -logp_y = (m - x_y) + log s; when y holds the max, s = 1 + rest and
+        // log1p(rest) keeps a tiny loss (a confident row) exact.
+        const A nll = x_y == m ? gl::log1p(rest) : (m - x_y) + log_s;
+        l = (one - eps) * cw_y * nll;
         if (smoothing) l += uniform * smooth;
         l = w * l;
       }

@@ -31,11 +31,16 @@ class CudaModules:
         if fn is not None:
             return fn
         errors = []
-        for filename, mod in self._modules:
+        # The file named like the entry's first word (xent_* in xent.cu) first, so a
+        # lookup compiles no other file; then the rest (cosine_* lives in elementwise.cu).
+        stem = name.split("_", 1)[0] + ".cu"
+        for filename, mod in sorted(self._modules, key=lambda fm: fm[0] != stem):
             try:
                 fn = mod.get_function(name)
-            except Exception as exc:  # CUDA_ERROR_NOT_FOUND from that file; compile errors propagate below
-                errors.append(f"{filename}: {exc.__class__.__name__}: {exc}")
+            except Exception as exc:
+                if type(exc).__name__ == "CompileException":  # NVRTC rejected the file: say so now
+                    raise
+                errors.append(f"{filename}: {exc.__class__.__name__}: {exc}")  # not in this file
                 continue
             self._where[name] = fn
             return fn

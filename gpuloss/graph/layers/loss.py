@@ -105,8 +105,8 @@ class SoftmaxWithLoss(_Loss):
     by the normalizer of ``normalization`` (table in this module's docstring),
     computed by :func:`gpuloss.softmax_cross_entropy`. A second top receives the
     softmax probabilities; as in Caffe, its diff is not backpropagated.
-    Without ``ignore_label`` the functional API's default ``ignore_index=-100``
-    still applies: a label of -100 is skipped where Caffe would reject it.
+    Without ``ignore_label`` no label is ignored (``ignore_index=None``): a label
+    outside ``[0, C)`` is an error, as in Caffe.
     """
 
     type = "SoftmaxWithLoss"
@@ -156,7 +156,7 @@ class SoftmaxWithLoss(_Loss):
         target = label.reshape(outer, inner)
         if target.dtype.kind not in "iu":
             target = target.astype(xp.int64)
-        kw = {} if self.ignore_label is None else {"ignore_index": self.ignore_label}
+        kw = {"ignore_index": self.ignore_label}  # None: nothing ignored, as Caffe without ignore_label
         loss, grad = _losses().softmax_cross_entropy(
             logits, target, axis=1, reduction=self.reduction, return_grad=True,
             validate=self.ctx.validate, backend=self.ctx.backend, **kw)
