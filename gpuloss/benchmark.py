@@ -58,6 +58,34 @@ class Report:
     copy_gbps: float
     versions: dict
     rows: list = field(default_factory=list)
+    # Seconds for a new process to import gpuloss and make its first cross-entropy and
+    # huber calls: with an empty Numba cache (compiles) and then with the cache warm.
+    first_call_cold_s: float | None = None
+    first_call_warm_s: float | None = None
+
+
+_FIRST_CALL_SNIPPET = """
+import time, numpy as np
+t0 = time.perf_counter()
+import gpuloss as gl
+x = np.random.randn(256, 1000).astype(np.float32)
+gl.softmax_cross_entropy(x, np.zeros(256, np.int64), return_grad=True)
+gl.softmax_cross_entropy(x, np.zeros(256, np.int64))
+gl.huber(x, x, return_grad=True)
+print(time.perf_counter() - t0)
+"""
+
+
+def first_call_seconds() -> tuple[float, float]:
+    """(cold, warm): a fresh process's import + first calls, with an empty and then a warm Numba cache."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        runs = [float(subprocess.run([sys.executable, "-c", _FIRST_CALL_SNIPPET], env=env, check=True,
+                                     capture_output=True, text=True).stdout.split()[-1]) for _ in range(2)]
+    return runs[0], runs[1]
 
 
 def median_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -224,6 +252,8 @@ def run_suite(quick: bool = False, backend: str = "cpu", repeats: int | None = N
     report = Report(machine=machine_name(), date=_dt.date.today().isoformat(),
                     command="gpuloss bench" + (" --quick" if quick else "") + " " + " ".join(sys.argv[2:]),
                     backend=backend, threads=threads, copy_gbps=copy_bandwidth_gbps(), versions=versions)
+    if backend == "cpu":
+        report.first_call_cold_s, report.first_call_warm_s = first_call_seconds()
     shapes = QUICK_XENT_SHAPES if quick else XENT_SHAPES
     jobs = [("xent", s, False) for s in shapes] + [("xent", s, True) for s in shapes]
     jobs += [("elementwise", n, None) for n in (ELEMENTWISE[:3] if quick else ELEMENTWISE)]
@@ -245,7 +275,10 @@ def _fmt(v, spec=".1f", none="—"):
 def markdown(report: Report) -> str:
     lines = [f"Machine: {report.machine}; {report.threads} threads (torch set to the same); backend "
              f"`{report.backend}`; date {report.date}; command `{report.command.strip()}`; parallel copy "
-             f"bandwidth {report.copy_gbps:.1f} GB/s (read+write).", "",
+             f"bandwidth {report.copy_gbps:.1f} GB/s (read+write)." + (
+                 "" if report.first_call_cold_s is None else
+                 f" A new process's import + first calls: {report.first_call_cold_s:.1f} s with an empty Numba "
+                 f"cache (compiling), {report.first_call_warm_s:.1f} s with it warm."), "",
              "| case | shape | gpuloss ms | torch ms | speed-up | GB/s | floor ms | x floor | first call ms |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report.rows:

@@ -43,3 +43,8 @@ def test_results_are_written_as_json_markdown_and_plot(tiny_report, tmp_path):
 
 def test_copy_bandwidth_is_positive():
     assert benchmark.copy_bandwidth_gbps(nbytes=1 << 22, repeats=2) > 0
+
+
+def test_first_call_cost_is_measured_cold_and_warm():
+    cold, warm = benchmark.first_call_seconds()
+    assert cold > 0 and warm > 0
