@@ -21,9 +21,11 @@
 //
 // Launch shape: elementwise_fwd_bwd: 1-D grid, blockDim.x a multiple of 32,
 // each thread a grid-strided set of elements; one float64 partial of sum(L)
-// per block (reduce_finish adds them). cosine_fwd_bwd: one thread per
-// measurement n = o*inner + i, reading p[o, :, i] at stride `inner`, so that a
-// warp reads consecutive i (coalesced when inner > 1).
+// per block (reduce_finish adds them). cosine_fwd_bwd: `group` lanes per
+// measurement n = o*inner + i, reading p[o, :, i] at stride `inner`: with the
+// axis last (inner == 1) a group of up to 32 lanes reads a row together and
+// adds its dot product by shuffles; with inner > 1 one thread per measurement,
+// so that a warp reads consecutive i (coalesced).
 //
 // Memory traffic: read x and t, write grad (and L for reduction "none"):
 // 12 bytes per float32 element for fwd+bwd, 8 for the forward only. At
@@ -35,7 +37,7 @@
 //       pos_weight, pw_period, scal, loss_out, want_loss, grad, want_grad,
 //       partials, want_partials)
 //   cosine_fwd_bwd_<p>(p, t, rows, length, inner, w_values, w_count, w_block,
-//       scal, loss_rows, grad, want_grad)
+//       scal, loss_rows, grad, want_grad, group)
 #include "common.cuh"
 #include "losses.cuh"
 
@@ -53,7 +55,7 @@ __device__ gl::acc_t<T> elementwise_loop(const T* x, const P* t, index_t n, gl::
   for (index_t i = gl::global_thread_id(); i < n; i += gl::grid_stride()) {
     const A xi = gl::load_as_acc(x, i);
     const A ti = KIND == gll::kIdentity ? xi : (A)gl::load_as_acc(t, i);
-    const A p = pw_period > 0 ? pos_weight[i % pw_period] : A(1);
+    const A p = pw_period > 0 ? pos_weight[gll::mod_index(i, pw_period)] : A(1);
     const A w = gll::weight_at(w_values, w_count, w_block, i);
     A l, dl;
     gll::elementwise_loss<KIND>(xi, ti, param, p, l, dl);
@@ -100,24 +102,37 @@ __device__ void elementwise_fwd_bwd(const T* x, const P* t, index_t n, int kind,
   }
 }
 
+// `group` lanes (a power of two <= 32) share a measurement; group == 1 is one
+// thread per measurement. The loop is warp-uniform (every lane of a warp runs
+// the same iterations), so the group shuffles always see their whole warp.
 template <class T, class P>
 __device__ void cosine_fwd_bwd(const T* p, const P* t, index_t rows, index_t length, index_t inner,
                                const gl::acc_t<T>* w_values, index_t w_count, index_t w_block, const double* scal,
-                               gl::acc_t<T>* loss_rows, T* grad, int want_grad) {
+                               gl::acc_t<T>* loss_rows, T* grad, int want_grad, int group) {
   typedef gl::acc_t<T> A;
   const A inv = (A)scal[1];
-  for (index_t n = gl::global_thread_id(); n < rows; n += gl::grid_stride()) {
-    const index_t o = n / inner, i = n - o * inner;
+  const index_t per_warp = gl::kWarpSize / group;
+  const int rank = gl::lane_id() & (group - 1);
+  const index_t warp = gl::global_thread_id() / gl::kWarpSize;
+  const index_t warps = gl::grid_stride() / gl::kWarpSize;
+  for (index_t first = warp * per_warp; first < rows; first += warps * per_warp) {
+    const index_t n = first + gl::lane_id() / group;
+    const bool active = n < rows;
+    const index_t o = active ? n / inner : 0, i = active ? n - o * inner : 0;
     const index_t base = o * length * inner + i;
     A dot = A(0);
-    for (index_t k = 0; k < length; ++k) {
-      dot += gl::load_as_acc(p, base + k * inner) * (A)gl::load_as_acc(t, base + k * inner);
+    if (active) {
+      for (index_t k = rank; k < length; k += group) {
+        dot += gl::load_as_acc(p, base + k * inner) * (A)gl::load_as_acc(t, base + k * inner);
+      }
     }
+    dot = gl::warp_reduce_sum(dot, group);
+    if (!active) continue;
     const A w = gll::weight_at(w_values, w_count, w_block, n);
-    loss_rows[n] = w * (A(1) - dot);
+    if (rank == 0) loss_rows[n] = w * (A(1) - dot);
     if (want_grad) {
       const A g = -(inv * w);
-      for (index_t k = 0; k < length; ++k) {
+      for (index_t k = rank; k < length; k += group) {
         gl::store_from_acc(grad, base + k * inner, g * (A)gl::load_as_acc(t, base + k * inner));
       }
     }
@@ -139,9 +154,9 @@ __device__ void cosine_fwd_bwd(const T* p, const P* t, index_t rows, index_t len
   extern "C" __global__ void cosine_fwd_bwd_##sfx(const T* p, const P* t, gl::index_t rows, gl::index_t length, \
                                                   gl::index_t inner, const gl::acc_t<T>* w_values,              \
                                                   gl::index_t w_count, gl::index_t w_block, const double* scal, \
-                                                  gl::acc_t<T>* loss_rows, T* grad, int want_grad) {             \
+                                                  gl::acc_t<T>* loss_rows, T* grad, int want_grad, int group) {  \
     cosine_fwd_bwd<T, P>(p, t, rows, length, inner, w_values, w_count, w_block, scal, loss_rows, grad,          \
-                         want_grad);                                                                            \
+                         want_grad, group);                                                                     \
   }                                                                                                             \
   GPULOSS_REGISTER(cosine_fwd_bwd_##sfx)
 

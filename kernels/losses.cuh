@@ -68,6 +68,13 @@ GPULOSS_DEVICE A weight_at(const A* values, index_t count, index_t block, index_
   return values[k < count ? k : count - 1];
 }
 
+// i % period, in 32 bits where both fit (a 64-bit remainder is a long
+// instruction sequence on the GPU, paid per element otherwise).
+GPULOSS_DEVICE index_t mod_index(index_t i, index_t period) {
+  if (i < 2147483647 && period < 2147483647) return (index_t)((uint32_t)i % (uint32_t)period);
+  return i % period;
+}
+
 template <class A> GPULOSS_DEVICE A abs_nan(A x) { return x < A(0) ? -x : x; }  // NaN stays NaN
 
 // sign(d) with NaN in, NaN out: a NaN element never gets a silent gradient of 0.

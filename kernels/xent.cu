@@ -292,6 +292,10 @@ __device__ void xent_strided(const XentArgs<T, P>& a) {
   XentArgs<T, P> a{x,  rows, classes, inner, y,   t,   index_target, w_values, w_count, w_block, cw, has_cw, \
                    ignore_index, eps, scal, loss_rows, grad, want_grad}
 
+// No __launch_bounds__: at 1024 threads it would cap registers at 64 and make
+// the float64 row kernel (~94 registers at sm_90) spill; launch.py gives
+// float64 rows at most 512 threads instead (and clamps any block to the
+// kernel's max_threads_per_block where CuPy reports it).
 #define GPULOSS_XENT_ENTRIES(sfx, T, P)                                                                 \
   extern "C" __global__ void xent_fwd_bwd_##sfx(XENT_PARAMS(T, P)) {                                    \
     XENT_ARGS(T, P);                                                                                    \

@@ -360,6 +360,16 @@ def test_same_helper_name_in_two_files_does_not_merge(tmp_path):
     assert out[0] == 2
 
 
+def test_duplicate_entry_names_are_refused(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.cu").write_text(
+            'extern "C" __global__ void twice(int* out) { out[0] = 1; }\nGPULOSS_REGISTER(twice)\n')
+    # g++ keeps extern "C" names external even in an unnamed namespace, so the
+    # linker refuses first; the registry's own check backs it up.
+    with pytest.raises(EmulatorBuildError, match=r"multiple definition of .twice|kernel twice is defined twice"):
+        EmulatedModule([tmp_path / "a.cu", tmp_path / "b.cu"], cache=tmp_path / "cache")
+
+
 def test_sanitized_build_refuses_to_load_without_its_runtime(tmp_path):
     with pytest.raises(RuntimeError, match="LD_PRELOAD=.*libtsan"):
         EmulatedModule([RACY], sanitize="thread")
@@ -410,3 +420,16 @@ def test_asan_reports_a_read_past_the_end():
 def test_asan_is_silent_on_a_correct_kernel():
     run = run_sanitized(_shift("racy_shift_synced", "address"), "address", sources=[RACY])
     assert run.ok, str(run)
+
+
+# ---------------------------------------------------------------------------
+# The test kernels are real CUDA C: the same text builds under NVRTC.
+
+@pytest.mark.parametrize("src", [SELFTEST, RACY], ids=lambda p: p.name)
+def test_test_kernels_also_compile_with_nvrtc(src):
+    nvrtc = pytest.importorskip("gpuloss.nvrtc")
+    try:
+        nvrtc.version()
+    except Exception as exc:  # no libnvrtc on this machine
+        pytest.skip(f"NVRTC unavailable: {exc}")
+    nvrtc.compile_file(src, "sm_80")

@@ -47,6 +47,12 @@ def test_cross_entropy_variant_follows_the_class_count(classes, variant):
         assert threads & (threads - 1) == 0  # power of two: block reductions assume whole warps
 
 
+def test_float64_rows_fit_the_register_file():
+    # ~94 registers a thread: 1024 of them would not fit an SM's 64K registers
+    assert launch.xent_launch(2, 262144, 1, 8)[2] <= 512
+    assert launch.xent_launch(2, 262144, 1, 4)[2] <= 1024
+
+
 def test_class_axis_not_last_takes_the_strided_variant():
     assert launch.xent_launch(12, 5, 4)[0] == "strided"
 
@@ -101,6 +107,17 @@ def test_strided_class_axis(shape, axis, rng):
     for reduction in ("none", "sum_by_nonzero_weights"):
         assert_matches_reference("softmax_cross_entropy", args,
                                  {**kwargs, "reduction": reduction, "label_smoothing": 0.1}, EMU)
+
+
+@needs_gxx
+@pytest.mark.parametrize("shape,axis", [((5, 300), -1), ((7, 1), -1), ((40, 9), -1), ((4, 50, 3), 1)])
+def test_cosine_distance_groups_and_strides(shape, axis, rng):
+    rows = int(np.prod(shape)) // shape[axis]
+    group = launch.cosine_launch(rows, shape[axis], int(np.prod(shape[axis % len(shape) + 1:])))[2]
+    assert group == (1 if axis == 1 else min(32, 1 << max(0, (-(-shape[axis] // 8) - 1).bit_length())))
+    args, kwargs = make_inputs("cosine_distance", shape, np.float32, rng, axis=axis)
+    for reduction in ("none", "mean"):
+        assert_matches_reference("cosine_distance", args, {**kwargs, "reduction": reduction}, EMU)
 
 
 @needs_gxx
@@ -335,3 +352,5 @@ def test_gpu_suite_dry_run(tmp_path):
     assert {(4096, 32000), (512, 128256), (8192, 1000), (65536, 10)} <= shapes
     assert {c["dtype"] for c in data["cross_entropy"]} == {"float32", "bfloat16"}
     assert all(c["elements"] == 2**26 for c in data["elementwise"])
+    if shutil.which("g++"):  # the bf16 fallback launch was checked against the public function
+        assert any("bf16 fallback launch == public function" in n for n in data["notes"]), data["notes"]

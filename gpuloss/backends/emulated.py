@@ -43,7 +43,8 @@ from gpuloss import _paths
 
 __all__ = [
     "EmulatedModule", "EmulatedKernel", "EmulatorBuildError", "EmulatorLaunchError", "KernelNotFoundError",
-    "SanitizedRun", "SANITIZERS", "cache_dir", "default_module", "emulator_dir", "run_sanitized", "sanitizer_env",
+    "SanitizedRun", "SANITIZERS", "build_library", "cache_dir", "default_module", "emulator_dir", "run_sanitized",
+    "sanitizer_env",
 ]
 
 # Extra compiler flags per sanitizer, and the runtime a process must have
@@ -233,14 +234,42 @@ def build_library(sources: Iterable[Path | str] | None = None, sanitize: str | N
     tag = (sanitize or "plain").replace(",", "+")
     out = folder / f"emu-{tag}-{_cache_key(srcs, flags, cxx)[:32]}.so"
     if out.exists():
+        _touch(out)
         return out, False
     # One compiler run per build even when several processes ask at once.
-    with open(folder / (out.name + ".lock"), "w") as lock:
+    lock_path = folder / (out.name + ".lock")
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if out.exists():
             return out, False
         _compile(srcs, flags, cxx, out)
+    lock_path.unlink(missing_ok=True)
+    _prune(folder, keep=out)
     return out, True
+
+
+_CACHE_KEEP = 32  # libraries kept per cache folder; every kernel edit makes a new one
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)  # mtime = last use, for _prune
+    except OSError:
+        pass
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Drop all but the most recently used libraries (a loaded one stays mapped, so this is safe)."""
+    def last_use(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:  # pruned by another process meanwhile
+            return 0.0
+
+    libs = sorted(folder.glob("emu-*.so"), key=last_use, reverse=True)
+    for old in libs[_CACHE_KEEP:]:
+        if old != keep:
+            old.unlink(missing_ok=True)
 
 
 def _loaded_runtime(libname: str) -> bool:
@@ -284,6 +313,11 @@ def _dims(what: str, value) -> tuple[int, int, int]:
     if any(not 0 <= d < 2**32 for d in dims):
         raise ValueError(f"{what} dimensions must be in [0, 2**32), got {value!r}")
     return dims + (1,) * (3 - len(dims))  # type: ignore[return-value]
+
+
+def _type_name(obj) -> str:
+    t = type(obj)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 def _pointer_value(arr: np.ndarray) -> np.ndarray:
@@ -332,13 +366,13 @@ class EmulatedKernel:
                 return _pointer_value(arg)
             if isinstance(arg, (np.uint64, np.int64)):  # a raw device address, as CuPy allows
                 return np.array(arg, dtype=np.uint64)
-            raise TypeError(f"{where}: the kernel expects {_describe(token)}, got {type(arg).__module__}."
-                            f"{type(arg).__name__} (the emulated backend takes NumPy arrays)")
+            raise TypeError(f"{where}: the kernel expects {_describe(token)}, got {_type_name(arg)} "
+                            f"(the emulated backend takes NumPy arrays)")
         if isinstance(arg, np.ndarray):
             raise TypeError(f"{where}: the kernel expects {_describe(token)} by value, got an array; "
                             f"pass a NumPy scalar (e.g. arr[()] or np.int32(v))")
         if not isinstance(arg, np.generic):
-            raise TypeError(f"{where}: the kernel expects {_describe(token)}, got {type(arg).__name__}")
+            raise TypeError(f"{where}: the kernel expects {_describe(token)}, got {_type_name(arg)}")
         dt = arg.dtype
         got = f"V{dt.itemsize}" if dt.kind == "V" else f"{dt.kind}{dt.itemsize}"
         if got != token:

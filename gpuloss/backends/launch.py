@@ -25,7 +25,6 @@ of the device or of timing, so a result depends on its inputs alone (SPEC §3).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
@@ -55,7 +54,11 @@ MAX_BLOCKS = 1024
 # to the rows-per-warp kernel (a lane then holds up to 32 of them), longer rows
 # get a block each.
 WARP_MAX_CLASSES = 1024
-ROW_BLOCK_MIN, ROW_BLOCK_MAX = 128, 1024
+# At most 512 threads a row: the 16/32-bit row kernel takes ~40 registers at
+# sm_90, so three 512-thread blocks share an SM (75% occupancy) where a
+# 1024-thread block fits once (50%). float64 rows (~94 registers) stay at 512
+# too: 1024 x 94 would exceed an SM's 64K registers and the launch would fail.
+ROW_BLOCK_MIN, ROW_BLOCK_MAX, ROW_BLOCK_MAX_F64 = 128, 512, 512
 MAX_ROW_BLOCKS = 65535
 
 
@@ -81,7 +84,7 @@ def one_block(n: int) -> int:
     return min(MAX_THREADS, max(32, _round_up(n, 32)))
 
 
-def xent_launch(rows: int, classes: int, inner: int) -> tuple[str, int, int, int]:
+def xent_launch(rows: int, classes: int, inner: int, acc_itemsize: int = 4) -> tuple[str, int, int, int]:
     """(variant, blocks, threads, group) of the cross-entropy kernel for this shape.
 
     ``strided``: class axis not last, one thread per measurement. ``warp``:
@@ -94,13 +97,24 @@ def xent_launch(rows: int, classes: int, inner: int) -> tuple[str, int, int, int
         return "strided", blocks, threads, 1
     if classes <= WARP_MAX_CLASSES:
         group = min(32, _next_pow2(-(-classes // 8)))
-        rows_per_warp = 32 // group
-        warps = max(1, -(-rows // rows_per_warp))
-        threads = min(MAX_THREADS, 32 * warps)
-        blocks = min(MAX_ROW_BLOCKS, max(1, -(-warps // (threads // 32))))
-        return "warp", blocks, threads, group
-    threads = min(ROW_BLOCK_MAX, max(ROW_BLOCK_MIN, _next_pow2(-(-classes // 64))))
+        return ("warp", *_rows_per_warp_grid(rows, group), group)
+    cap = ROW_BLOCK_MAX_F64 if acc_itemsize == 8 else ROW_BLOCK_MAX
+    threads = min(cap, max(ROW_BLOCK_MIN, _next_pow2(-(-classes // 64))))
     return "block", min(MAX_ROW_BLOCKS, max(1, rows)), threads, 0
+
+
+def _rows_per_warp_grid(rows: int, group: int) -> tuple[int, int]:
+    """(blocks, threads) giving every row `group` lanes of some warp (grid-strided past 65535 blocks)."""
+    warps = max(1, -(-rows // (32 // group)))
+    threads = min(MAX_THREADS, 32 * warps)
+    return min(MAX_ROW_BLOCKS, max(1, -(-warps // (threads // 32)))), threads
+
+
+def cosine_launch(rows: int, length: int, inner: int) -> tuple[int, int, int]:
+    """(blocks, threads, group) of cosine_fwd_bwd: with the axis last, a group of lanes
+    per row (~8 elements a lane, at most 32 lanes); else one thread per measurement."""
+    group = 1 if inner != 1 else min(32, _next_pow2(-(-length // 8)))
+    return (*_rows_per_warp_grid(rows, group), group)
 
 
 def dtype_suffix(dtype) -> str:
@@ -132,6 +146,7 @@ class LaunchBackend:
         self._module = None
         self._kernels: dict[str, object] = {}
         self._dummies: dict[str, object] = {}
+        self._limits: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<LaunchBackend {self.name} ({self.xp.__name__})>"
@@ -146,7 +161,17 @@ class LaunchBackend:
         return k
 
     def _launch(self, name: str, blocks: int, threads: int, args: tuple) -> None:
-        self.kernel(name)((int(blocks),), (int(threads),), args)
+        k = self.kernel(name)
+        # Safety net: a compiler that gave a kernel more registers than the block sizes
+        # above allow would make the launch fail; CuPy reports the kernel's limit. Every
+        # kernel is grid-strided and takes any whole number of warps, so fewer threads
+        # stay correct (and the result a function of the shape and the build only).
+        limit = self._limits.get(name)
+        if limit is None:
+            limit = self._limits[name] = getattr(k, "max_threads_per_block", 1024)
+        if isinstance(limit, int) and 32 <= limit < threads:
+            threads = limit // 32 * 32
+        k((int(blocks),), (int(threads),), args)
 
     def _dummy(self, dtype):
         """A one-element array standing in for a pointer the kernel is told not to touch."""
@@ -256,7 +281,7 @@ class LaunchBackend:
             scal = self._scal(plan.reduce, w)
         loss_rows = xp.empty(rows, dt.compute)
         grad = xp.empty(logits.shape, dt.input) if plan.return_grad else self._dummy(dt.input)
-        variant, blocks, threads, group = xent_launch(rows, classes, inner)
+        variant, blocks, threads, group = xent_launch(rows, classes, inner, dt.compute.itemsize)
         args = (x, np.int64(rows), np.int64(classes), np.int64(inner), y, t, np.int32(plan.index_target),
                 w, np.int64(w.size), np.int64(plan.reduce.weight_block),
                 cw if cw is not None else self._dummy(dt.compute), np.int32(cw is not None),
@@ -313,9 +338,10 @@ class LaunchBackend:
         rows = plan.rows
         loss_rows = xp.empty(rows, dt.compute)
         grad = xp.empty(pred.shape, dt.input) if plan.return_grad else self._dummy(dt.input)
-        blocks, threads = grid_1d(rows, 1)
+        blocks, threads, group = cosine_launch(rows, plan.length, plan.inner)
         self._launch(f"cosine_fwd_bwd_{sfx}", blocks, threads, (
             p, t, np.int64(rows), np.int64(plan.length), np.int64(plan.inner), w, np.int64(w.size),
-            np.int64(plan.reduce.weight_block), scal, loss_rows, grad, np.int32(plan.return_grad)))
+            np.int64(plan.reduce.weight_block), scal, loss_rows, grad, np.int32(plan.return_grad),
+            np.int32(group)))
         loss = self._finish_rows(plan.reduce, loss_rows, scal, dt)
         return loss, (grad if plan.return_grad else None)

@@ -7,12 +7,12 @@
 // gpuloss/backends/emulated.py drives that build; launcher.cpp holds the
 // registry and the launch entry point.
 //
-// Model. One OS thread per CUDA thread: a launch creates blockDim threads and
-// they run the grid's blocks one after another, so a block's __shared__
-// variables can be plain statics (one block is alive at a time, launches are
-// serialised). Every synchronisation of a block (__syncthreads, the warp
-// intrinsics, the end of a block) goes through one mutex per launch, which
-// buys three things std::barrier cannot give:
+// Model. One OS thread per CUDA thread: blockDim threads (kept in a pool
+// between launches) run the grid's blocks one after another, so a block's
+// __shared__ variables can be plain statics (one block is alive at a time,
+// launches are serialised). The bookkeeping of every synchronisation of a
+// block (__syncthreads, the warp intrinsics, the end of a block) sits under
+// one mutex per launch, which buys three things std::barrier cannot give:
 //   * warp intrinsics honour their mask (lanes outside it do not take part);
 //   * a thread that returns early simply stops counting, as on the GPU;
 //   * a block in which every live thread waits for something no other thread
@@ -143,6 +143,7 @@ int block_barrier(int predicate);  // number of live threads whose predicate was
 // Publishes `mine`, waits for the mask's live lanes, copies every lane's value
 // into all[32]; returns the lanes that took part.
 unsigned warp_exchange(unsigned mask, uint64_t mine, uint64_t* all);
+unsigned warp_live_mask();  // lanes of the caller's warp that have not exited
 [[noreturn]] void trap(const char* why);
 void* dynamic_shared();
 
@@ -265,10 +266,10 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
   gpuloss_emu::warp_exchange(mask, 0, all);
 }
 inline unsigned __activemask() {
-  // Every live lane of the warp: without a converged-thread notion this is the
-  // closest answer (and the one a convergent warp gives on the GPU).
-  uint64_t all[32];
-  return gpuloss_emu::warp_exchange(0xffffffffu, 0, all);
+  // The lanes that have not exited: without a notion of converged threads
+  // this is the closest answer (the one a convergent warp gives on the GPU).
+  // It does not synchronise, as on the GPU.
+  return gpuloss_emu::warp_live_mask();
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }

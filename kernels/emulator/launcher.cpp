@@ -5,17 +5,20 @@
 //       -include cuda_emulator.h <wrapped kernels/*.cu> launcher.cpp -o emu.so
 // The C entry points below are the library's only exported symbols.
 //
-// A launch creates one OS thread per CUDA thread of a block; those threads
-// run every block of the grid in order (x fastest, then y, then z), meeting
-// at the end of each block. BlockSync is the one lock of a launch: every
-// barrier, warp exchange and block hand-over passes through it, which keeps
-// the bookkeeping exact enough to tell a deadlock from slow progress.
+// A launch runs on one OS thread per CUDA thread of a block (a pool kept
+// between launches); those threads run every block of the grid in order
+// (x fastest, then y, then z), meeting at the end of each block. All bookkeeping of the running block (barrier,
+// warp rounds, exits) sits under one mutex, which keeps it exact enough to
+// tell a deadlock from slow progress; released threads wake on a futex word
+// (std::atomic::wait) rather than a condition variable, so that 256 of them
+// do not queue for that mutex one by one after every barrier (3x faster).
 #include "cuda_emulator.h"
 
 #include <bit>
 #include <cstdio>
 #include <memory>
 #include <new>
+#include <pthread.h>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -40,8 +43,9 @@ static std::string& registry_errors() {
 int register_kernel(const char* name, const char* file, void* fn, Invoker invoke, std::string signature) {
   for (const KernelEntry& e : registry()) {
     if (e.name == name) {
-      // Each .cu is compiled in its own unnamed namespace, so a duplicate
-      // extern "C" name links fine; launching by name would be ambiguous.
+      // Backs up the linker (g++ keeps extern "C" names external even inside
+      // the unnamed namespace each .cu is wrapped in): by-name launch must
+      // never be ambiguous.
       registry_errors() += "kernel " + std::string(name) + " is defined twice: in " + e.file + " and in " + file + "\n";
       return 0;
     }
@@ -65,20 +69,6 @@ class BlockSync {
     reset_block();
   }
 
-  // The start gate: workers wait here until every thread of the pool exists,
-  // so a failed thread creation can abandon the launch before any block runs.
-  bool wait_start() {
-    std::unique_lock<std::mutex> lk(m_);
-    block_cv_.wait(lk, [&] { return started_; });
-    return !aborted_;
-  }
-  void open_start(const std::string& failure) {
-    std::lock_guard<std::mutex> lk(m_);
-    if (!failure.empty()) abort_locked(failure);
-    started_ = true;
-    block_cv_.notify_all();
-  }
-
   int barrier(int predicate) {
     std::unique_lock<std::mutex> lk(m_);
     if (aborted_) throw KernelAbort{};
@@ -86,16 +76,21 @@ class BlockSync {
     bar_count_ += predicate ? 1u : 0u;
     if (bar_arrived_ == live_) {
       complete_barrier();
-    } else {
-      const uint64_t gen = bar_gen_;
-      ++bar_waiters_;
-      ++blocked_;
-      check_deadlock();
-      block_cv_.wait(lk, [&] { return aborted_ || bar_gen_ != gen; });
-      if (bar_gen_ == gen) throw KernelAbort{};
+      return (int)bar_result_;
     }
-    // Stable until this thread arrives at the next barrier, which cannot
-    // complete without it.
+    const unsigned gen = bar_gen_.load(std::memory_order_relaxed);
+    ++bar_waiters_;
+    ++blocked_;
+    check_deadlock();
+    if (aborted_) throw KernelAbort{};
+    // Wait on the generation word without the lock: a condition variable
+    // would make every released thread re-take m_ in turn, which costs more
+    // than the barrier itself with hundreds of threads.
+    lk.unlock();
+    wait_for_change(bar_gen_, gen);
+    if (aborted_) throw KernelAbort{};
+    // Published before bar_gen_ moved (release/acquire), and stable until this
+    // thread arrives at the next barrier, which cannot complete without it.
     return (int)bar_result_;
   }
 
@@ -121,23 +116,28 @@ class BlockSync {
       r->done = false;
       r->mask = mask;
       r->arrived = 0;
-      r->waiters = r->unread = 0;
+      r->waiters = 0;
     }
     r->arrived |= me;
     r->slot[ctx.lane] = mine;
     if (round_complete(w, *r)) {
-      complete_round(w, *r);
-    } else {
-      ++r->waiters;
-      ++blocked_;
-      check_deadlock();
-      w.cv.wait(lk, [&] { return aborted_ || r->done; });
-      if (!r->done) throw KernelAbort{};
+      complete_round(*r);
+      return read_round(*r, all, /*locked=*/true);
     }
-    std::memcpy(all, r->slot, sizeof(r->slot));
-    const unsigned took_part = r->arrived;
-    if (--r->unread == 0) r->in_use = false;
-    return took_part;
+    const unsigned seq = r->seq.load(std::memory_order_relaxed);
+    ++r->waiters;
+    ++blocked_;
+    check_deadlock();
+    if (aborted_) throw KernelAbort{};
+    lk.unlock();  // as in barrier(): released lanes must not queue for m_
+    wait_for_change(r->seq, seq);
+    if (aborted_) throw KernelAbort{};
+    return read_round(*r, all, /*locked=*/false);
+  }
+
+  unsigned live_lanes() {
+    std::lock_guard<std::mutex> lk(m_);
+    return warps_[ctx.warp].live;
   }
 
   // The calling thread has left the current block (returned or unwound).
@@ -151,19 +151,24 @@ class BlockSync {
       // An exited thread stops counting (as on the GPU): its departure may be
       // the last thing a barrier or a warp round was waiting for.
       for (Round& r : w.rounds)
-        if (r.in_use && !r.done && round_complete(w, r)) complete_round(w, r);
+        if (r.in_use && !r.done && round_complete(w, r)) complete_round(r);
       if (bar_arrived_ != 0 && bar_arrived_ == live_) complete_barrier();
       check_deadlock();
     }
     if (live_ == 0) {
+      // Decided once for everyone: a thread still waking up from this
+      // hand-over must not read an abort that happens in the next block,
+      // or it would skip a block the others are waiting in.
+      go_on_ = !aborted_;
       reset_block();
-      ++block_gen_;
-      block_cv_.notify_all();
+      block_gen_.fetch_add(1, std::memory_order_release);
+      block_gen_.notify_all();
     } else {
-      const uint64_t gen = block_gen_;
-      block_cv_.wait(lk, [&] { return block_gen_ != gen; });
+      const unsigned gen = block_gen_.load(std::memory_order_relaxed);
+      lk.unlock();
+      wait_for_change(block_gen_, gen);
     }
-    return !aborted_;
+    return go_on_;  // stable: the next hand-over cannot happen without this thread
   }
 
   void abort(const std::string& why) {
@@ -192,17 +197,33 @@ class BlockSync {
     bool done = false;
     uint32_t mask = 0;
     uint32_t arrived = 0;  // lanes that joined; after completion, the lanes that took part
-    unsigned waiters = 0;  // blocked lanes (released together at completion)
-    unsigned unread = 0;   // lanes yet to copy the result out, once done
+    unsigned waiters = 0;             // blocked lanes (released together at completion)
+    std::atomic<unsigned> unread{0};  // lanes yet to copy the result out, once done
+    std::atomic<unsigned> seq{0};     // moves at completion (or abort): what waiters wait on
     uint64_t slot[32] = {};
   };
 
   struct Warp {
-    std::condition_variable cv;
     uint32_t lanes = 0;  // lanes that exist (the last warp may be partial)
     uint32_t live = 0;   // lanes that have not left the block
     Round rounds[32];
   };
+
+  // Slots and `arrived` were published before seq moved, and stay put until
+  // the last reader frees the round.
+  unsigned read_round(Round& r, uint64_t* all, bool locked) {
+    std::memcpy(all, r.slot, sizeof(r.slot));
+    const unsigned took_part = r.arrived;
+    if (r.unread.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      if (locked) {
+        r.in_use = false;
+      } else {
+        std::lock_guard<std::mutex> lk(m_);
+        r.in_use = false;
+      }
+    }
+    return took_part;
+  }
 
   static std::string hex(uint32_t v) {
     char buf[16];
@@ -210,27 +231,32 @@ class BlockSync {
     return buf;
   }
 
+  static void wait_for_change(std::atomic<unsigned>& word, unsigned old) {
+    while (word.load(std::memory_order_acquire) == old) word.wait(old, std::memory_order_acquire);
+  }
+
   static bool round_complete(const Warp& w, const Round& r) {
     const uint32_t need = r.mask & w.live;
     return (r.arrived & need) == need;
   }
 
-  void complete_round(Warp& w, Round& r) {
+  void complete_round(Round& r) {
     r.done = true;
-    r.unread = (unsigned)std::popcount(r.arrived);
+    r.unread.store((unsigned)std::popcount(r.arrived), std::memory_order_relaxed);
     blocked_ -= r.waiters;
     r.waiters = 0;
-    w.cv.notify_all();
+    r.seq.fetch_add(1, std::memory_order_release);
+    r.seq.notify_all();
   }
 
   void complete_barrier() {
     bar_result_ = bar_count_;
     bar_count_ = 0;
     bar_arrived_ = 0;
-    ++bar_gen_;
     blocked_ -= bar_waiters_;
     bar_waiters_ = 0;
-    block_cv_.notify_all();
+    bar_gen_.fetch_add(1, std::memory_order_release);
+    bar_gen_.notify_all();
   }
 
   void check_deadlock() {
@@ -256,8 +282,15 @@ class BlockSync {
       aborted_ = true;
       error_ = why;
     }
-    block_cv_.notify_all();
-    for (unsigned i = 0; i < nwarps_; ++i) warps_[i].cv.notify_all();
+    // Moving the barrier word wakes its waiters, which then see aborted_.
+    bar_gen_.fetch_add(1, std::memory_order_release);
+    bar_gen_.notify_all();
+    for (unsigned i = 0; i < nwarps_; ++i)
+      for (Round& r : warps_[i].rounds)
+        if (r.in_use && !r.done) {
+          r.seq.fetch_add(1, std::memory_order_release);
+          r.seq.notify_all();
+        }
   }
 
   void reset_block() {
@@ -274,14 +307,15 @@ class BlockSync {
   }
 
   std::mutex m_;
-  std::condition_variable block_cv_;  // __syncthreads, block hand-over, start gate
   const unsigned n_, nwarps_;
   const char* kernel_;
   std::unique_ptr<Warp[]> warps_;
   unsigned live_ = 0, blocked_ = 0;
   unsigned bar_arrived_ = 0, bar_count_ = 0, bar_result_ = 0, bar_waiters_ = 0;
-  uint64_t bar_gen_ = 0, block_gen_ = 0;
-  bool started_ = false, aborted_ = false;
+  // 32-bit words: std::atomic<unsigned>::wait is a bare futex in libstdc++.
+  std::atomic<unsigned> bar_gen_{0}, block_gen_{0};
+  bool go_on_ = true;
+  std::atomic<bool> aborted_{false};  // also read by waiters that hold no lock
   std::string error_;
 };
 
@@ -291,12 +325,14 @@ unsigned warp_exchange(unsigned mask, uint64_t mine, uint64_t* all) {
   return ctx.sync->warp_exchange(mask, mine, all);
 }
 
+unsigned warp_live_mask() { return ctx.sync->live_lanes(); }
+
 void trap(const char* why) {
   ctx.sync->abort(std::string(why) + " in " + BlockSync::where());
   throw KernelAbort{};
 }
 
-static void* g_dynamic_shared = nullptr;  // set before the pool starts
+static void* g_dynamic_shared = nullptr;  // set before a launch's job is posted
 void* dynamic_shared() { return g_dynamic_shared; }
 
 static std::mutex& launch_mutex() {
@@ -322,22 +358,93 @@ static void run_worker(BlockSync& sync, const KernelEntry& entry, void** args, u
   threadIdx = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
   blockDim = block;
   gridDim = grid;
-  if (sync.wait_start()) {
-    const uint64_t nblocks = (uint64_t)grid.x * grid.y * grid.z;
-    for (uint64_t b = 0; b < nblocks; ++b) {
-      blockIdx = uint3{(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y), (unsigned)(b / ((uint64_t)grid.x * grid.y))};
-      try {
-        entry.invoke(entry.fn, args);
-      } catch (const KernelAbort&) {
-      } catch (const std::exception& e) {
-        sync.abort("C++ exception in " + BlockSync::where() + ": " + e.what());
-      } catch (...) {
-        sync.abort("unknown C++ exception in " + BlockSync::where());
-      }
-      if (!sync.finish_block()) break;
+  const uint64_t nblocks = (uint64_t)grid.x * grid.y * grid.z;
+  for (uint64_t b = 0; b < nblocks; ++b) {
+    blockIdx = uint3{(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y), (unsigned)(b / ((uint64_t)grid.x * grid.y))};
+    try {
+      entry.invoke(entry.fn, args);
+    } catch (const KernelAbort&) {
+    } catch (const std::exception& e) {
+      sync.abort("C++ exception in " + BlockSync::where() + ": " + e.what());
+    } catch (...) {
+      sync.abort("unknown C++ exception in " + BlockSync::where());
     }
+    if (!sync.finish_block()) break;
   }
   ctx = ThreadCtx{};
+}
+
+// The OS threads outlive launches: starting 256 of them costs about 20 ms,
+// more than a small launch itself. Thread t plays CUDA thread t of every
+// launch that has more than t threads and is parked otherwise. The pool is
+// never destroyed (a joinable std::thread destructor would terminate; process
+// exit reaps parked threads) and is forgotten in a fork()ed child, which
+// inherits none of its threads.
+struct Job {
+  BlockSync* sync = nullptr;
+  const KernelEntry* entry = nullptr;
+  void** args = nullptr;
+  dim3 grid, block;
+  unsigned nthreads = 0;
+};
+
+class Pool {
+ public:
+  // Runs `job` on threads 0..nthreads-1 and returns when all are done; or
+  // returns why the threads could not be started (nothing ran then).
+  std::string run(const Job& job) {
+    try {
+      while (threads_.size() < job.nthreads) {
+        const unsigned t = (unsigned)threads_.size();
+        const uint64_t seen = gen_;  // only the launching thread changes gen_
+        threads_.emplace_back([this, t, seen] { loop(t, seen); });
+      }
+    } catch (const std::system_error& e) {
+      return "could not start " + std::to_string(job.nthreads) + " threads: " + e.what();
+    }
+    std::unique_lock<std::mutex> lk(m_);
+    job_ = job;
+    remaining_ = job.nthreads;
+    ++gen_;
+    go_cv_.notify_all();
+    done_cv_.wait(lk, [&] { return remaining_ == 0; });
+    return "";
+  }
+
+ private:
+  void loop(unsigned t, uint64_t seen) {
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> lk(m_);
+        go_cv_.wait(lk, [&] { return gen_ != seen; });
+        seen = gen_;
+        job = job_;
+      }
+      if (t >= job.nthreads) continue;
+      run_worker(*job.sync, *job.entry, job.args, t, job.grid, job.block);
+      std::lock_guard<std::mutex> lk(m_);
+      if (--remaining_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  std::mutex m_;
+  std::condition_variable go_cv_, done_cv_;
+  std::vector<std::thread> threads_;
+  Job job_;
+  uint64_t gen_ = 0;
+  unsigned remaining_ = 0;
+};
+
+static Pool* g_pool = nullptr;  // guarded by launch_mutex()
+
+static Pool& pool() {
+  if (!g_pool) {
+    g_pool = new Pool;
+    // Leak, not destroy: the child's copy refers to threads it does not have.
+    pthread_atfork(nullptr, nullptr, [] { g_pool = nullptr; });
+  }
+  return *g_pool;
 }
 
 }  // namespace gpuloss_emu
@@ -387,19 +494,16 @@ GPULOSS_EMU_EXPORT int gpuloss_emu_launch_ex(const char* name, unsigned gx, unsi
   g_dynamic_shared = dyn.get();
 
   BlockSync sync((unsigned)nthreads, entry->name.c_str());
-  std::vector<std::thread> pool;
-  pool.reserve(nthreads);
-  std::string failure;
-  const dim3 grid(gx, gy, gz), block(bx, by, bz);
-  try {
-    for (unsigned t = 0; t < nthreads; ++t)
-      pool.emplace_back(run_worker, std::ref(sync), std::cref(*entry), args, t, grid, block);
-  } catch (const std::system_error& e) {
-    failure = "could not start " + std::to_string(nthreads) + " threads: " + e.what();
-  }
-  sync.open_start(failure);
-  for (std::thread& th : pool) th.join();
+  Job job;
+  job.sync = &sync;
+  job.entry = entry;
+  job.args = args;
+  job.grid = dim3(gx, gy, gz);
+  job.block = dim3(bx, by, bz);
+  job.nthreads = (unsigned)nthreads;
+  const std::string failure = pool().run(job);
   g_dynamic_shared = nullptr;
+  if (!failure.empty()) return fail(3, entry->name + ": " + failure);
   std::fflush(stdout);  // kernel printf output lands before Python's next line
   if (sync.aborted()) return fail(3, entry->name + ": " + sync.error());
   return 0;

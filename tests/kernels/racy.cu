@@ -5,7 +5,8 @@
 //       a data race that ThreadSanitizer must report (on a GPU it reads
 //       stale shared memory whenever the neighbour's warp runs late).
 //   racy_shift_synced(x, y, n): the same with the barrier: no report.
-//   racy_read_past_end(x, y, n): reads x[n], one element past the array:
+//   racy_read_past_end(x, y, n): copies x[0..n] into y (n + 1 elements), so
+//       it reads x[n], one element past the array:
 //       AddressSanitizer must report a heap-buffer-overflow.
 #ifndef GPULOSS_REGISTER
 #define GPULOSS_REGISTER(name)
@@ -29,9 +30,6 @@ GPULOSS_REGISTER(racy_shift_synced)
 
 extern "C" __global__ void racy_read_past_end(const float* x, float* y, int n) {
   const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
-  if (i <= n) {  // `<=`: the off-by-one under test
-    const float v = x[i];
-    if (i < n) y[i] = v;
-  }
+  if (i <= n) y[i] = x[i];  // `<=`: the off-by-one under test (y holds n + 1 elements)
 }
 GPULOSS_REGISTER(racy_read_past_end)
