@@ -38,11 +38,11 @@ def test_exp_relative_error_over_the_whole_softmax_range(rng):
     assert rel.max() < 1.5e-7, f"max relative error {rel.max():.3g} at t={t[rel.argmax()]}"
 
 
-def test_exp_underflow_and_minus_inf_give_zero():
-    t = np.float32([-np.inf, -1e4, -87.0, -88.0, -200.0, -3.4e38])
+def test_exp_underflow_and_minus_inf_give_zero_and_nan_stays_nan():
+    t = np.float32([-np.inf, -1e4, -87.0, -88.0, -200.0, -3.4e38, np.nan])
     out = np.ones_like(t)
     _exp_all(t, out)
-    assert np.all(out == 0.0)
+    assert np.all(out[:-1] == 0.0) and np.isnan(out[-1])
 
 
 def test_maxnum_reduction_ignores_nan_and_sees_infinities(rng):

@@ -248,14 +248,6 @@ def _row_max(row):
 
 
 @njit(cache=True, fastmath=_VEC)
-def _row_nan_count(row):
-    count = 0
-    for c in range(row.size):
-        count += row[c] != row[c]
-    return count
-
-
-@njit(cache=True, fastmath=_VEC)
 def _block_sum_exp(row, m, e_out, store, b0, b1):
     """Float32 sum of exp(row_c - m) over [b0, b1); e_c kept in e_out if store."""
     block_sum = F32_ZERO
@@ -332,14 +324,14 @@ def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, ignore_i
                            loss_out, grad_out):
     """Float32 cross entropy with class-index targets at the memory and exp limit.
 
-    Per row, sweeps over data in L2 after the first: (1) max, (2) NaN count,
-    (3) e_c = exp(x_c - m) with cpu_math's vectorised exp, stored into the
-    gradient row while rest = sum_{c != y} e_c accumulates, (4) the gradient
-    finished in place: grad_c = (a + b sum(cw)) e_c / s - b cw_c, and grad_y
-    from rest directly.  The sums
-    have a fixed order, so results do not depend on the thread count.  Rows
-    holding NaN or +inf, an all -inf row, or an invalid target take the scalar
-    path of _xent_index_row.
+    Per row, sweeps over data in L2 after the first: (1) the max (llvm.maxnum,
+    NaN ignored), (2) e_c = exp(x_c - m) with cpu_math's vectorised exp, stored
+    into the gradient row while rest = sum_{c != y} e_c accumulates (a NaN logit
+    makes it NaN), (3) the gradient finished in place: grad_c = (a + b sum(cw))
+    e_c / s - b cw_c, and grad_y from rest directly.  The sums have a fixed
+    order, so results do not depend on the thread count.  Rows holding NaN or
+    +inf, an all -inf row, or an invalid target take the scalar path of
+    _xent_index_row.
     """
     rows, classes = x.shape
     cw_sum = 0.0
@@ -353,12 +345,15 @@ def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, ignore_i
             continue
         row = x[n]
         m = _row_max(row)
-        if _row_nan_count(row) != 0 or not (-np.inf < m < np.inf) or yn < 0 or yn >= classes:
+        if not (-np.inf < m < np.inf) or yn < 0 or yn >= classes:
             _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, grad_scale, want_grad, loss_out, grad_out)
             continue
         rest = _row_sum_exp_except(row, m, grad_out[n] if want_grad else row, want_grad, yn)
         e_y = exp_nonpositive(row[yn] - m)
         s = rest + e_y
+        if s != s:  # a NaN in the row (exp_nonpositive passes it on): the scalar path makes it NaN
+            _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, grad_scale, want_grad, loss_out, grad_out)
+            continue
         log_s = math.log(s)
         # -logp_y = (m - x_y) + log s; when y holds the max, e_y = 1 and it is log1p(rest), exact for tiny losses.
         nll = math.log1p(rest) if row[yn] == m else (m - row[yn]) + log_s

@@ -64,7 +64,7 @@ C2, C3, C4, C5, C6, C7 = (F32(1 / 2), F32(1 / 6), F32(1 / 24), F32(1 / 120), F32
 
 @njit(inline="always")
 def exp_nonpositive(t):
-    """e**t for float32 t <= 0 (-inf gives 0).  NaN must be screened out by the caller."""
+    """e**t for float32 t <= 0: -inf (and anything below EXP_FLOOR) gives 0, NaN gives NaN."""
     tc = t if t > EXP_FLOOR else EXP_FLOOR
     tc = tc if tc < ZERO else ZERO
     k = np.floor(tc * LOG2E + HALF)
@@ -80,4 +80,5 @@ def exp_nonpositive(t):
     p = p * r + ONE
     scale = int32_bits_to_float32((np.int32(k) + np.int32(127)) << np.int32(23))  # 2**k, k in [-126, 0]
     e = p * scale
-    return e if t > EXP_FLOOR else ZERO
+    # t - t is 0, or NaN for a NaN t: a NaN logit reaches the row sum, where the caller sees it.
+    return ZERO if t <= EXP_FLOOR else e + (t - t)
