@@ -79,6 +79,12 @@ def softmax_cross_entropy(logits, target, *, axis=-1, weight=None, class_weight=
             np.put_along_axis(onehot, ys[..., None], 1.0, axis=-1)
             # PyTorch CrossEntropyLoss docs: l = (1-eps) * cw[y] * -logp[y] + eps/C * sum_c cw[c] * -logp[c]
             nll = -np.take_along_axis(logp, ys[..., None], -1)[..., 0]
+            # Where y holds the row max, -logp_y = log1p(sum_{c != y} e^(x_c - x_y)): exact for tiny losses,
+            # where lse - x_y cancels (a loss of 1e-10 would keep only ~5 digits).
+            x_y = np.take_along_axis(x, ys[..., None], -1)
+            rest = np.sum(np.where(onehot == 1, 0.0, np.exp(np.minimum(x - x_y, 0.0))), axis=-1)
+            holds_max = (x_y[..., 0] == np.max(x, axis=-1)) & np.isfinite(x_y[..., 0])
+            nll = np.where(holds_max, np.log1p(rest), nll)
             smooth = -np.sum(cw * logp, axis=-1) if eps else 0.0
             l = (1 - eps) * cw[ys] * nll + (eps / C) * smooth
             l = np.where(valid, l, 0.0)

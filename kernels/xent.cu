@@ -178,6 +178,9 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, index
   }
   const A m_local = st.max;
   st = grp.softmax(st);
+  // A +inf logit gives +inf - logsumexp = inf - inf: the row is NaN, as in
+  // gpuloss.reference, the cpu backend and PyTorch's log_softmax.
+  if (st.max == gl::pos_inf<A>()) st.max = st.sum = gl::quiet_nan<A>();
   const A m = st.max;
   const A log_s = gl::log(st.sum);
   if (a.index_target) rest = grp.sum(rest * gl::softmax_scale(m_local, m));

@@ -124,6 +124,17 @@ def test_nan_row_gives_nan_for_that_row_only(backend, rng):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("classes", [5, 40, 3000])
+def test_plus_infinity_logit_gives_nan_row(classes, backend, rng):
+    # +inf - logsumexp is inf - inf: undefined, so the row is NaN (as the reference and PyTorch's log_softmax).
+    logits = rng.standard_normal((3, classes)).astype(np.float32)
+    logits[1, 2] = np.inf
+    y = np.array([0, 2, 1])
+    loss, grad = assert_matches_reference("softmax_cross_entropy", (logits, y), {"reduction": "none"}, backend)
+    assert np.isnan(loss[1]) and np.isnan(grad[1]).all() and np.isfinite(loss[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", LOSSES)
 def test_extreme_values(name, backend, rng):
     args, kwargs = make_inputs(name, (6, 8), np.float32, rng, extreme=True)
