@@ -36,6 +36,7 @@ def test_cross_entropy_index_targets(shape, axis, options, reduction, backend, r
     y = rng.integers(0, C, size=shape[:axis] + shape[axis + 1:])
     ignore = options.get("ignore_index", -100)
     y[rng.random(y.shape) < 0.2] = ignore
+    y.flat[0] = (ignore + 1) % C  # torch's mean over an all-ignored batch is NaN; ours is 0 (SPEC §2.3)
     cw = rng.uniform(0.2, 2.0, C) if options.get("weight") else None
     eps = options.get("label_smoothing", 0.0)
     ours = run_loss("softmax_cross_entropy", (x, y), {"axis": axis, "class_weight": cw, "ignore_index": ignore,
@@ -98,3 +99,13 @@ def test_regression_losses(ours_name, torch_fn, kw, torch_kw, reduction, backend
     ours = run_loss(ours_name, (p, t), {**kw, "reduction": reduction}, backend)
     theirs = _torch_loss_and_grad(torch_fn, p, torch.tensor(t), reduction=reduction, **torch_kw)
     _check(ours, theirs)
+
+
+def test_all_ignored_mean_is_zero_where_torch_gives_nan(rng):
+    # The one documented departure: SPEC §2.3 makes an empty mean 0 (loss and grad), never NaN.
+    x = rng.standard_normal((4, 5))
+    y = np.full(4, -100)
+    ours = run_loss("softmax_cross_entropy", (x, y), {}, "cpu")
+    theirs = _torch_loss_and_grad(F.cross_entropy, x, torch.tensor(y))
+    assert float(ours[0]) == 0.0 and not ours[1].any()
+    assert np.isnan(theirs[0])
