@@ -348,7 +348,7 @@ def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, ignore_i
         if not (-np.inf < m < np.inf) or yn < 0 or yn >= classes:
             _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, grad_scale, want_grad, loss_out, grad_out)
             continue
-        rest = _row_sum_exp_except(row, m, grad_out[n] if want_grad else row, want_grad, yn)
+        rest = _row_sum_exp_except(row, m, grad_out[n] if want_grad else grad_out[0], want_grad, yn)
         e_y = exp_nonpositive(row[yn] - m)
         s = rest + e_y
         if s != s:  # a NaN in the row (exp_nonpositive passes it on): the scalar path makes it NaN
@@ -430,7 +430,9 @@ class CpuBackend:
         w_row = host.per_row(w_values, plan.reduce.weight_block, rows)
         cw = class_weight if class_weight is not None else np.ones(plan.classes, dt.compute)
         loss_rows = np.empty(rows, dt.compute)
-        grad = np.empty((rows, plan.classes) if plan.return_grad else (0, 0), dt.compute)
+        # Without a gradient, one row of it still exists as a never-written e_out that does not alias
+        # the logits: an e_out equal to the row makes LLVM's alias check fall back to scalar code (1.5x).
+        grad = np.empty((rows, plan.classes) if plan.return_grad else (1, plan.classes), dt.compute)
         if plan.index_target:
             y = np.ascontiguousarray(target.reshape(-1)).astype(np.int64, copy=False)
             if plan.validate:
