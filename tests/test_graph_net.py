@@ -2,7 +2,6 @@
 loss_weight rules, normalization, in-place layers, accuracy, and the errors of a badly wired net."""
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 
@@ -10,15 +9,6 @@ from gpuloss.graph import GraphError, Net, layers as L
 from gpuloss.graph.layers import Filler
 
 G = Filler("gaussian", std=0.5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny arrays: one Numba thread is faster than waking a pool on a shared machine.
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
 
 
 def _numeric_grad(f, arr, eps=1e-6):

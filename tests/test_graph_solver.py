@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
 
@@ -16,14 +15,6 @@ from gpuloss.graph.layers import Filler
 from gpuloss.graph.solver import learning_rate
 
 DATA = Path(__file__).parent / "data"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
 
 
 def _net(dtype=np.float32, seed=0):
