@@ -252,3 +252,12 @@ def test_bfloat16_inputs(rng):
     loss, grad = assert_matches_reference("softmax_cross_entropy", (logits, y), {}, "cpu")
     assert grad.dtype == bf16
     assert_matches_reference("mean_squared_error", (logits, logits * 0.5), {"reduction": "sum"}, "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_loss_at_zero_probability_without_epsilon_is_infinite_not_an_error(backend):
+    # IEEE division: -t / (p + 0) is -inf at p = 0 (no ZeroDivisionError inside a kernel).
+    probs = np.array([0.0, 1.0, 0.5], np.float32)
+    target = np.array([1.0, 0.0, 1.0], np.float32)
+    loss, grad = assert_matches_reference("log_loss", (probs, target), {"epsilon": 0.0, "reduction": "none"}, backend)
+    assert np.isinf(loss[:2]).all() and np.isinf(grad[:2]).all() and np.isfinite(loss[2])
