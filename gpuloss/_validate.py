@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
+import os
 
 import numpy as np
 
@@ -70,6 +71,13 @@ def check_floating(name: str, a) -> None:
                         f"got {a.dtype}")
 
 
+def check_real_dtype(name: str, a, *, allow_bool: bool = True) -> None:
+    """Floating, integer (or bool, where allowed): values that convert exactly enough to the compute dtype."""
+    kinds = "iub" if allow_bool else "iu"
+    if not (is_float_dtype(a.dtype) or np.dtype(a.dtype).kind in kinds):
+        raise TypeError(f"{name} must have a real dtype; got {a.dtype}")
+
+
 def check_integer(name: str, a, why: str) -> None:
     if np.dtype(a.dtype).kind not in "iu":
         raise TypeError(f"{name} must have an integer dtype {why}; got {a.dtype}")
@@ -119,8 +127,6 @@ def array_module(named_arrays: dict, backend: str | None):
                         f"{', '.join(numpy_names)} on the host (numpy); move them to one device")
     on_gpu = bool(cupy_names)
     if backend is None:
-        import os
-
         forced = os.environ.get("GPULOSS_BACKEND", "").strip().lower()
         if on_gpu:
             backend = "cuda"
@@ -155,8 +161,7 @@ def weight_layout(name: str, weight, loss_shape: tuple, xp, dtype):
         return xp.full(1, float(weight), dtype=dtype), max(size, 1)
     if not is_array(weight):
         raise TypeError(f"{name} must be None, a real number or an array; got {_kind(weight)}")
-    if not (is_float_dtype(weight.dtype) or np.dtype(weight.dtype).kind in "iub"):
-        raise TypeError(f"{name} must have a real dtype; got {weight.dtype}")
+    check_real_dtype(name, weight)
     wshape = tuple(weight.shape)
     if wshape == ():
         return weight.reshape(1).astype(dtype), max(size, 1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import statistics
@@ -282,7 +281,7 @@ def markdown(report: Report) -> str:
              "| case | shape | gpuloss ms | torch ms | speed-up | GB/s | floor ms | x floor | first call ms |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report.rows:
-        r = r if isinstance(r, dict) else asdict(r)
+        r = asdict(r)
         lines.append(f"| {r['case']} | {tuple(r['shape'])} | {r['gpuloss_ms']:.2f} | {_fmt(r['torch_ms'], '.2f')} | "
                      f"{_fmt(r['speedup_vs_torch'], '.1f')}{'' if r['speedup_vs_torch'] is None else 'x'} | "
                      f"{r['gbps']:.1f} | {_fmt(r['floor_ms'], '.2f')} | {_fmt(r['vs_floor'], '.2f')} | "

@@ -38,8 +38,7 @@ def _aux_array(name: str, value, xp, dtype, shape: tuple | None = None):
         value = xp.asarray(value)
     if not v.is_array(value):
         raise TypeError(f"{name} must be an array (or None); got {type(value).__name__}")
-    if not (v.is_float_dtype(value.dtype) or np.dtype(value.dtype).kind in "iu"):
-        raise TypeError(f"{name} must have a real dtype; got {value.dtype}")
+    v.check_real_dtype(name, value, allow_bool=False)
     if shape is not None and tuple(value.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}; got {tuple(value.shape)}")
     return value.astype(dtype, copy=False)
@@ -124,8 +123,7 @@ def _elementwise(loss_name: str, first_name: str, pred, target, *, weight, reduc
     v.check_array("target", target)
     be = v.array_module(_arrays(**{first_name: pred, "target": target, "weight": weight,
                                    "pos_weight": pos_weight}), backend)
-    if not (v.is_float_dtype(target.dtype) or np.dtype(target.dtype).kind in "iub"):
-        raise TypeError(f"target must have a real dtype; got {target.dtype}")
+    v.check_real_dtype("target", target)
     v.check_same_shape("target", target, first_name, pred)
     shape = tuple(pred.shape)
     dtypes = DtypePlan.for_input(pred.dtype)
@@ -227,8 +225,7 @@ def cosine_distance(pred, target, *, axis: int = -1, weight=None, reduction: str
     v.check_floating("pred", pred)
     v.check_array("target", target)
     be = v.array_module(_arrays(pred=pred, target=target, weight=weight), backend)
-    if not (v.is_float_dtype(target.dtype) or np.dtype(target.dtype).kind in "iub"):
-        raise TypeError(f"target must have a real dtype; got {target.dtype}")
+    v.check_real_dtype("target", target)
     v.check_same_shape("target", target, "pred", pred)
     if pred.ndim == 0:
         raise ValueError("pred must have rank >= 1 (the axis to sum over); got a 0-d array")

@@ -30,7 +30,7 @@ def finite_difference(f, x, h=1e-6):
     return g
 
 
-def _away_from_kinks(name, args, rng):
+def _away_from_kinks(name, args):
     """Move inputs off the points where a loss is not differentiable (|d| = delta, margin = 0, ...)."""
     if name in ("absolute_difference", "huber", "smooth_l1"):
         pred, target = args
@@ -52,7 +52,7 @@ def _away_from_kinks(name, args, rng):
 def test_reference_grad_is_derivative_of_reference_loss(name, reduction, rng):
     shape = (3, 5)
     args, kwargs = make_inputs(name, shape, np.float64, rng)
-    args = _away_from_kinks(name, args, rng)
+    args = _away_from_kinks(name, args)
     kwargs.update(weight=make_weight("per_sample", loss_shape_of(name, shape), rng), reduction=reduction)
     if name == "softmax_cross_entropy":
         kwargs.update(label_smoothing=0.2, class_weight=rng.uniform(0.5, 2.0, shape[-1]))
@@ -70,7 +70,7 @@ def test_reference_grad_is_derivative_of_reference_loss(name, reduction, rng):
 def test_backend_grad_is_derivative_of_reference_loss(name, backend, rng):
     shape = (4, 3)
     args, kwargs = make_inputs(name, shape, np.float64, rng)
-    args = _away_from_kinks(name, args, rng)
+    args = _away_from_kinks(name, args)
     kwargs.update(weight=make_weight("broadcast", loss_shape_of(name, shape), rng), reduction="mean")
     if name == "softmax_cross_entropy":
         t = rng.random(shape)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import types
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -506,10 +505,6 @@ class CpuBackend:
         if not plan.return_grad:
             return loss, None
         return loss, host.rows_back(grad, pred.shape, plan.outer, plan.length, plan.inner, dt.input)
-
-
-def set_threads(n: int) -> None:
-    numba.set_num_threads(n)
 
 
 BACKEND = CpuBackend()
