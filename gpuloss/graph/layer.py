@@ -17,19 +17,41 @@ overrides both.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
+
 __all__ = ["Layer", "ParamSpec", "StateRule", "LayerContext", "LAYER_TYPES", "register_layer",
-           "GraphError"]
+           "GraphError", "finite_number", "class_labels"]
 
 # Caffe type name -> Layer subclass; filled by @register_layer in gpuloss.graph.layers.
 LAYER_TYPES: dict[str, type] = {}
 
 
 class GraphError(ValueError):
-    """A net that cannot be built or run as written (names the layer and the blob)."""
+    """A net that cannot be built or run as written (names the layer and the blob).
+
+    ``field`` (optional) names the prototxt field at fault, as a name or a path of
+    ``(name, index)`` pairs, so that a reader of a prototxt can add the line number.
+    """
+
+    def __init__(self, message: str, *, field=None, layer: str | None = None):
+        super().__init__(message)
+        self.field = field
+        self.layer = layer   # the layer whose field ``field`` is (None: a net or solver field)
+
+
+def finite_number(value, what: str, *, error=GraphError, field=None) -> float:
+    """``float(value)`` for a real, finite number (not a bool); else ``error`` naming ``what``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise error(f"{what} must be a real number, got {value!r}", field=field)
+    v = float(value)
+    if not math.isfinite(v):
+        raise error(f"{what} must be a finite number, got {v}", field=field)
+    return v
 
 
 def register_layer(cls):
@@ -39,9 +61,14 @@ def register_layer(cls):
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """Caffe's ``ParamSpec``: multipliers on the solver's learning rate and weight decay."""
+    """Caffe's ``ParamSpec``: multipliers on the solver's learning rate and weight decay (finite numbers)."""
     lr_mult: float = 1.0
     decay_mult: float = 1.0
+
+    def __post_init__(self):
+        # A NaN or inf multiplier turns every update into NaN: refuse it where it is written.
+        for name in ("lr_mult", "decay_mult"):
+            object.__setattr__(self, name, finite_number(getattr(self, name), f"param {name}", field=name))
 
 
 @dataclass(frozen=True)
@@ -70,6 +97,7 @@ class LayerContext:
     backend: str
     rng: object
     validate: bool = True
+    param_bytes: int = 0    # bytes of parameters set up so far (checked against the memory limit)
 
 
 def _as_names(value, what: str, layer: str) -> list[str]:
@@ -145,14 +173,21 @@ class Layer:
         if len(set(self.top)) != len(self.top):
             raise GraphError(f"layer {name!r}: top blob names repeat: {self.top}")
         if loss_weight is not None:
-            lw = [float(loss_weight)] if isinstance(loss_weight, numbers.Real) else [float(w) for w in loss_weight]
+            lw = [loss_weight] if isinstance(loss_weight, numbers.Real) else list(loss_weight)
+            lw = [finite_number(w, f"layer {name!r}: loss_weight", field=("loss_weight", k))
+                  for k, w in enumerate(lw)]
             if len(lw) != len(self.top):  # Caffe: "loss_weight must be unspecified or specified once per top"
                 raise GraphError(f"layer {name!r}: loss_weight must be given once per top blob "
                                  f"({len(self.top)}: {self.top}), got {len(lw)}: {lw}")
             self._loss_weight = lw
         else:
             self._loss_weight = None
-        self.param_specs = [p if isinstance(p, ParamSpec) else ParamSpec(**p) for p in (param or [])]
+        self.param_specs = []
+        for i, p in enumerate(param or []):
+            try:
+                self.param_specs.append(p if isinstance(p, ParamSpec) else ParamSpec(**p))
+            except GraphError as exc:
+                raise GraphError(f"layer {name!r}: param {i}: {exc}", field=("param", i, exc.field)) from None
         if propagate_down is not None:
             propagate_down = [bool(p) for p in propagate_down]
             if len(propagate_down) != len(self.bottom):
@@ -206,8 +241,8 @@ class Layer:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def error(self, message: str) -> GraphError:
-        return GraphError(f"layer {self.name!r} ({self.type}): {message}")
+    def error(self, message: str, field=None) -> GraphError:
+        return GraphError(f"layer {self.name!r} ({self.type}): {message}", field=field, layer=self.name)
 
     def param_spec(self, i: int) -> ParamSpec:
         return self.param_specs[i] if i < len(self.param_specs) else ParamSpec()
@@ -237,3 +272,37 @@ def normalize_axis(layer: Layer, axis: int, ndim: int, what: str = "axis") -> in
     if not -ndim <= axis < ndim:
         raise layer.error(f"{what} {axis} is out of range for a bottom of rank {ndim}")
     return axis % ndim
+
+
+def class_labels(layer: Layer, label, xp, classes: int, ignore_label, validate: bool):
+    """``label`` as int64 class indices, for a layer that reads bottom 1 as labels.
+
+    Integer labels are cast as they are (their range is checked by the caller or
+    the functional API). A float label is a class index only when it is finite,
+    integral and in ``[0, classes)`` (or equal to ``ignore_label``); when the net
+    validates, anything else is an error naming the layer, the bottom and the
+    first bad value, because a cast would turn NaN, inf or 1e30 into an
+    arbitrary integer that may even look valid. On a GPU, where validation is
+    off (it would read the labels back), the cast is done as it is.
+    """
+    kind = label.dtype.kind
+    if kind in "iu":
+        return label.astype(xp.int64, copy=False)
+    if kind == "b":
+        return label.astype(xp.int64)
+    if kind != "f":
+        raise layer.error(f"label {layer.bottom[1]!r} must hold class indices (integers, or integral "
+                          f"floats), got dtype {label.dtype}")
+    if validate:
+        ok = xp.isfinite(label) & (xp.floor(label) == label) & (label >= 0) & (label < classes)
+        if ignore_label is not None:
+            ok |= label == ignore_label
+        if not bool(ok.all()):
+            flat = label.reshape(-1)
+            n = int(xp.argmin(ok.reshape(-1)))
+            value = float(flat[n])
+            why = ("not a finite number" if not math.isfinite(value) else
+                   "not an integer" if value != math.floor(value) else f"outside [0, {classes})")
+            raise layer.error(f"label {layer.bottom[1]!r} holds {value!r} at flat position {n}: {why}; "
+                              f"float labels must be exact class indices")
+    return label.astype(xp.int64)

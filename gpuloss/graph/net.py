@@ -211,44 +211,75 @@ class Net:
         Net-level ``input`` / ``input_shape`` (or the older ``input_dim``) declare
         inputs without a layer; ``force_backward`` and ``state { level stage }``
         are read; ``state``'s phase is replaced by ``phase`` as Caffe's tools do.
+        A ``pathlib.Path`` is always read as a file.
         """
-        msg, source = proto.parse_net(text_or_path, supported_types=tuple(LAYER_TYPES))
-        return cls.from_proto(msg, phase=phase, backend=backend, source=source, **kwargs)
+        msg, source, text = proto.parse_net(text_or_path, supported_types=tuple(LAYER_TYPES), with_text=True)
+        return cls.from_proto(msg, phase=phase, backend=backend, source=source, text=text, **kwargs)
 
     @classmethod
     def from_proto(cls, msg, *, phase: str = "TRAIN", backend: str = "auto", source: str = "<net>",
-                   **kwargs) -> "Net":
-        """Build from a parsed ``NetParameter`` message (see :mod:`gpuloss.graph.proto`)."""
+                   text: str | None = None, **kwargs) -> "Net":
+        """Build from a parsed ``NetParameter`` message (see :mod:`gpuloss.graph.proto`); ``text``, the
+        prototxt it was parsed from, lets errors name the line of the field at fault."""
+        index = {lp.name: i for i, lp in enumerate(msg.layer)}
         try:
             if msg.input_dim and msg.input_shape:
-                raise GraphError("give input_shape or input_dim, not both")
+                raise GraphError("give input_shape or input_dim, not both", field="input_dim")
             if msg.input_dim:
                 if len(msg.input_dim) != 4 * len(msg.input):
                     raise GraphError(f"input_dim needs 4 values per input ({len(msg.input)} inputs), "
-                                     f"got {len(msg.input_dim)}")
+                                     f"got {len(msg.input_dim)}", field="input_dim")
                 shapes = [tuple(msg.input_dim[4 * k:4 * k + 4]) for k in range(len(msg.input))]
             else:
                 shapes = [tuple(s.dim) for s in msg.input_shape]
             if len(shapes) != len(msg.input):
                 raise GraphError(f"{len(msg.input)} net input(s) {list(msg.input)} but {len(shapes)} "
-                                 f"input_shape(s): give one shape per input")
+                                 f"input_shape(s): give one shape per input", field="input")
+            for name, shape in zip(msg.input, shapes):
+                if any(d < 0 for d in shape):
+                    raise GraphError(f"net input {name!r}: shape dimensions must be >= 0, got {shape}",
+                                     field="input_shape")
             inputs = dict(zip(msg.input, shapes))
-            layers = [layer_from_proto(lp) for lp in msg.layer]
+            layers = []
+            for i, lp in enumerate(msg.layer):
+                try:
+                    layers.append(layer_from_proto(lp))
+                except GraphError as exc:
+                    exc.layer = i    # by position: names may be missing or repeated here
+                    raise
             kwargs.setdefault("force_backward", msg.force_backward)
             if msg.HasField("state"):
                 kwargs.setdefault("level", msg.state.level)
                 kwargs.setdefault("stages", tuple(msg.state.stage))
             return cls(layers, backend=backend, phase=phase, inputs=inputs, name=msg.name, **kwargs)
         except GraphError as exc:
-            raise GraphError(f"{source}: {exc}") from None
+            layer = exc.layer if isinstance(exc.layer, int) else index.get(exc.layer)
+            if layer is not None:
+                where = proto.locate(text, source, (("layer", layer),) + proto.field_path(exc.field))
+            else:
+                where = proto.locate(text, source, exc.field) if exc.field else source
+            raise proto.FieldError(f"{where}: {exc}", field=exc.field) from None
 
     # -- running ---------------------------------------------------------------------------------
+
+    def _set_inputs(self, inputs: dict) -> None:
+        for name in inputs:
+            if name not in self._input_shapes:
+                raise GraphError(f"forward() got input {name!r}, but the net's inputs are {self.input_names}")
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise GraphError(f"forward() needs every net input on every call: missing {missing} "
+                             f"(inputs: {self.input_names})")
+        for name, value in inputs.items():
+            self._set_input(name, value)
 
     def _set_input(self, name: str, value) -> None:
         if name not in self._input_shapes:
             raise GraphError(f"forward() got input {name!r}, but the net's inputs are {self.input_names}")
         xp = self.xp
         kind = getattr(getattr(value, "dtype", None), "kind", None) or np.asarray(value).dtype.kind
+        if kind not in "biuf":   # strings, objects, complex: no layer computes with them
+            raise GraphError(f"input {name!r} must hold real numbers, got an array of dtype kind {kind!r}")
         dtype = self.dtype if kind == "f" else None
         # A copy: in-place layers overwrite their blob, and the caller's array must not change.
         arr = xp.array(value, dtype=dtype, copy=True)
@@ -261,13 +292,10 @@ class Net:
     def forward(self, **inputs):
         """Run every layer; return the total loss as a 0-d array on the backend's device.
 
-        Inputs are given by blob name; an input not given keeps its last value.
+        Inputs are given by blob name, every one of them on every call: an input
+        left out is an error, not the previous call's value silently reused.
         """
-        for name, value in inputs.items():
-            self._set_input(name, value)
-        for name in self.input_names:
-            if self._input_blobs[name].data is None:
-                raise GraphError(f"input {name!r} was never given to forward() (inputs: {self.input_names})")
+        self._set_inputs(inputs)
         self._total = self.xp.zeros((), dtype=self.dtype)
         self._terms = []
         for i in range(len(self.layers)):
@@ -397,8 +425,7 @@ class Net:
             raise GraphError(f"iterations must be >= 1, got {iterations}")
         if inputs is None:
             inputs = self.example_inputs()
-        for name, value in inputs.items():
-            self._set_input(name, value)
+        self._set_inputs(inputs)
         sync = _synchronizer(self.xp)
         n = len(self.layers)
         fwd, bwd = [[] for _ in range(n)], [[] for _ in range(n)]

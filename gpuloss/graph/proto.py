@@ -12,14 +12,18 @@ the enclosing layer (name and type) and the field.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections import Counter
 from functools import lru_cache
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
-__all__ = ["PrototxtError", "NetParameter", "SolverParameter", "parse_net", "parse_solver",
-           "read_text", "message_class"]
+from .layer import GraphError
+
+__all__ = ["PrototxtError", "FieldError", "NetParameter", "SolverParameter", "parse_net", "parse_solver",
+           "read_text", "message_class", "field_lines", "field_path", "locate"]
 
 _F = descriptor_pb2.FieldDescriptorProto
 _SCALAR = {"string": _F.TYPE_STRING, "float": _F.TYPE_FLOAT, "double": _F.TYPE_DOUBLE,
@@ -171,8 +175,18 @@ class PrototxtError(ValueError):
     """A prototxt that does not parse, or asks for something gpuloss does not implement."""
 
 
+class FieldError(PrototxtError, GraphError):
+    """A field of a prototxt whose value gpuloss refuses, with the file and line: both a
+    :class:`PrototxtError` (the text is at fault) and a :class:`GraphError` (the net or solver is)."""
+
+
 def read_text(text_or_path) -> tuple[str, str]:
-    """``(text, source)``: the file's text when given a path, else the text itself as ``<string>``."""
+    """``(text, source)``: the file's text when given a path, else the text itself as ``<string>``.
+
+    A :class:`os.PathLike` is always a path; a ``str`` is a path when such a file
+    exists or it holds none of ``{``, ``:`` and a newline (the command line passes
+    paths as ``Path`` so that a missing file is never read as text).
+    """
     if isinstance(text_or_path, os.PathLike):
         path = os.fspath(text_or_path)
     elif isinstance(text_or_path, str) and (os.path.isfile(text_or_path)
@@ -244,13 +258,158 @@ def _parse(text: str, source: str, msg, what: str, supported_types=()):
     return msg
 
 
-def parse_net(text_or_path, supported_types=()) -> tuple[object, str]:
-    """Parse a ``NetParameter`` prototxt; returns ``(message, source)``."""
+def parse_net(text_or_path, supported_types=(), *, with_text: bool = False):
+    """Parse a ``NetParameter`` prototxt; returns ``(message, source)`` (and the text with ``with_text``).
+    Every float field must be finite (:class:`FieldError` naming the line otherwise)."""
     text, source = read_text(text_or_path)
-    return _parse(text, source, NetParameter(), "NetParameter", supported_types), source
+    msg = _parse(text, source, NetParameter(), "NetParameter", supported_types)
+    check_finite(msg, text, source)
+    return (msg, source, text) if with_text else (msg, source)
 
 
-def parse_solver(text_or_path) -> tuple[object, str]:
-    """Parse a ``SolverParameter`` prototxt; returns ``(message, source)``."""
+def parse_solver(text_or_path, *, with_text: bool = False):
+    """Parse a ``SolverParameter`` prototxt; returns ``(message, source)`` (and the text with ``with_text``).
+    Every float field must be finite (:class:`FieldError` naming the line otherwise)."""
     text, source = read_text(text_or_path)
-    return _parse(text, source, SolverParameter(), "SolverParameter"), source
+    msg = _parse(text, source, SolverParameter(), "SolverParameter")
+    check_finite(msg, text, source)
+    return (msg, source, text) if with_text else (msg, source)
+
+
+# -- where a field is written: line numbers for errors found after parsing -------------------------
+
+_TOKEN = re.compile(r"""#[^\n]*|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|[^\s{}<>:\[\],;#"']+|[{}<>:\[\],;]|\n""")
+
+
+def field_path(field) -> tuple:
+    """A field path as ``((name, index), ...)``: from a name, or names each optionally followed by an index
+    (``("param", 1, "lr_mult")``: the second ``param`` block's ``lr_mult``)."""
+    if field is None:
+        return ()
+    if isinstance(field, str):
+        return ((field, 0),)
+    out, items = [], list(field)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            out.append(item)
+        elif isinstance(item, tuple):
+            out.extend(field_path(item))
+        elif isinstance(item, str):
+            if i + 1 < len(items) and isinstance(items[i + 1], int) and not isinstance(items[i + 1], bool):
+                out.append((item, items[i + 1]))
+                i += 1
+            else:
+                out.append((item, 0))
+        i += 1
+    return tuple(out)
+
+
+@lru_cache(maxsize=32)
+def field_lines(text: str) -> dict:
+    """``{((name, index), ...): line}`` for every field written in a prototxt text (1-based lines).
+
+    ``index`` counts the occurrences of a name inside its enclosing message, so
+    the path of the third layer's second ``param`` block's ``lr_mult`` is
+    ``(("layer", 2), ("param", 1), ("lr_mult", 0))``, the same path a walk over
+    the parsed message gives.
+    """
+    toks, line = [], 1
+    for m in _TOKEN.finditer(text):
+        t = m.group()
+        if t == "\n":
+            line += 1
+        elif not t.startswith("#"):
+            toks.append((t, line))
+    lines: dict = {}
+    stack = [((), Counter())]
+    i, n = 0, len(toks)
+    while i < n:
+        t, ln = toks[i]
+        if t in ("}", ">"):
+            if len(stack) > 1:
+                stack.pop()
+            i += 1
+            continue
+        if not (t[0].isalpha() or t[0] == "_"):
+            i += 1
+            continue
+        path, counts = stack[-1]
+        j = i + 1
+        if j < n and toks[j][0] == ":":
+            j += 1
+        if j < n and toks[j][0] in ("{", "<"):
+            key = path + ((t, counts[t]),)
+            counts[t] += 1
+            lines.setdefault(key, ln)
+            stack.append((key, Counter()))
+            i = j + 1
+        elif j < n and toks[j][0] == "[":
+            j += 1
+            while j < n and toks[j][0] != "]":
+                if toks[j][0] != ",":
+                    lines.setdefault(path + ((t, counts[t]),), toks[j][1])
+                    counts[t] += 1
+                j += 1
+            i = j + 1
+        else:
+            lines.setdefault(path + ((t, counts[t]),), ln)
+            counts[t] += 1
+            i = j + 1
+    return lines
+
+
+def locate(text: str | None, source: str, path) -> str:
+    """``source:line`` of the field at ``path`` (or of the nearest enclosing message written), else ``source``."""
+    path = field_path(path)
+    if text is None:
+        return source
+    lines = field_lines(text)
+    while path:
+        if path in lines:
+            return f"{source}:{lines[path]}"
+        path = path[:-1]
+    return source
+
+
+_F_FLOAT = (_F.TYPE_FLOAT, _F.TYPE_DOUBLE)
+
+
+def _float_fields(msg, path=()):
+    """``(path, value)`` of every float or double field set in ``msg``, nested messages included."""
+    for fd, value in msg.ListFields():
+        items = list(value) if fd.is_repeated else [value]
+        if fd.type == _F.TYPE_MESSAGE:
+            for k, sub in enumerate(items):
+                yield from _float_fields(sub, path + ((fd.name, k),))
+        elif fd.type in _F_FLOAT:
+            for k, v in enumerate(items):
+                yield path + ((fd.name, k),), v
+
+
+def _dotted(path, msg) -> str:
+    """``inner_product_param.weight_filler.value`` / ``param[1].lr_mult`` / ``loss_weight[1]``."""
+    parts = []
+    for name, k in path:
+        fd = msg.DESCRIPTOR.fields_by_name[name]
+        parts.append(f"{name}[{k}]" if fd.is_repeated else name)
+        if fd.type == _F.TYPE_MESSAGE:
+            msg = getattr(msg, name)[k] if fd.is_repeated else getattr(msg, name)
+    return ".".join(parts)
+
+
+def check_finite(msg, text: str, source: str) -> None:
+    """Every float field of a parsed message must be finite: NaN or inf (or a float that overflows to
+    inf, such as ``1e39``) in a learning rate, loss weight or filler only ever produces NaN later."""
+    for path, value in _float_fields(msg):
+        if math.isfinite(value):
+            continue
+        where, sub = locate(text, source, path), msg
+        prefix = ""
+        if path[0][0] == "layer":
+            lp = msg.layer[path[0][1]]
+            prefix = f"layer {lp.name or '<unnamed>'!r} (type {lp.type!r}): "
+            path, sub = path[1:], lp
+        raise FieldError(f"{where}: {prefix}field {_dotted(path, sub)!r} must be a finite number, got {value}",
+                         field=path)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from ..layer import Layer, normalize_axis, register_layer
+from ..layer import Layer, class_labels, normalize_axis, register_layer
 
 __all__ = ["Accuracy"]
 
@@ -16,6 +16,11 @@ class Accuracy(Layer):
     least as high as it (Caffe's rule: ties count against it). Labels equal to
     ``ignore_label`` are left out of numerator and denominator; with none left
     the accuracy is 0, as in Caffe. Computed with ``xp`` on the device.
+
+    A non-finite score is never right: a row counts as wrong when its true
+    class scores NaN or +-inf, or when any of its scores is NaN (a diverged net
+    must not report accuracy 1 because NaN compares false). Float labels must
+    be exact class indices (see :func:`~gpuloss.graph.layer.class_labels`).
     """
 
     type = "Accuracy"
@@ -68,7 +73,7 @@ class Accuracy(Layer):
         outer, inner = self._split(x.shape, label.shape)
         c = x.shape[self._axis]
         scores = x.reshape(outer, c, inner)
-        label = label.reshape(outer, inner).astype(xp.int64)
+        label = class_labels(self, label.reshape(outer, inner), xp, c, self.ignore_label, self.ctx.validate)
         keep = xp.ones(label.shape, dtype=bool) if self.ignore_label is None else label != self.ignore_label
         if self.ctx.validate:  # a host read: the cpu backend only (the net turns it off on a GPU)
             bad = keep & ((label < 0) | (label >= c))
@@ -79,6 +84,8 @@ class Accuracy(Layer):
         safe = xp.where(keep, label, 0)
         true_score = xp.take_along_axis(scores, safe[:, None, :], axis=1)
         better = xp.sum(scores >= true_score, axis=1) - 1  # the true class ties with itself
-        right = xp.sum((better < self.top_k) & keep)
+        # NaN compares false, so without this a NaN row would have no "better" class and count as right.
+        finite = xp.isfinite(true_score[:, 0, :]) & ~xp.any(xp.isnan(scores), axis=1)
+        right = xp.sum((better < self.top_k) & finite & keep)
         count = xp.sum(keep)
         top[0].data = xp.asarray(right / xp.maximum(count, 1), dtype=self.ctx.dtype)

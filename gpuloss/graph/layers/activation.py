@@ -1,7 +1,7 @@
 """Element-wise activations (ReLU, Sigmoid, TanH) and Softmax; each may run in place."""
 from __future__ import annotations
 
-from ..layer import Layer, normalize_axis, register_layer
+from ..layer import Layer, finite_number, normalize_axis, register_layer
 
 __all__ = ["ReLU", "Sigmoid", "TanH", "Softmax", "softmax"]
 
@@ -31,7 +31,8 @@ class ReLU(_Neuron):
 
     def __init__(self, name, bottom=None, top=None, *, negative_slope: float = 0.0, **common):
         super().__init__(name, bottom, top, **common)
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = finite_number(negative_slope, "negative_slope", error=self.error,
+                                            field=("relu_param", "negative_slope"))
 
     @classmethod
     def kwargs_from_proto(cls, lp) -> dict:

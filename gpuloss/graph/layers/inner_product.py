@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import math
+import os
 
 from ..blob import Blob
 from ..layer import GraphError, Layer, normalize_axis, register_layer
 from .fillers import Filler
 
-__all__ = ["InnerProduct"]
+__all__ = ["InnerProduct", "memory_limit_bytes"]
+
+
+def memory_limit_bytes() -> int | None:
+    """The machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 @register_layer
@@ -47,19 +56,35 @@ class InnerProduct(Layer):
         if p.transpose:
             raise GraphError(f"{where}: field 'transpose' is not supported")
         return {"num_output": p.num_output, "bias_term": p.bias_term, "axis": p.axis,
-                "weight_filler": Filler.from_proto(p.weight_filler, where + " weight_filler"),
-                "bias_filler": Filler.from_proto(p.bias_filler, where + " bias_filler")}
+                "weight_filler": Filler.from_proto(p.weight_filler, where + " weight_filler",
+                                                   ("inner_product_param", "weight_filler")),
+                "bias_filler": Filler.from_proto(p.bias_filler, where + " bias_filler",
+                                                 ("inner_product_param", "bias_filler"))}
 
     def setup(self, bottom_shapes, ctx):
         self.ctx = ctx
         shape = bottom_shapes[0]
         self._axis = normalize_axis(self, self.axis, len(shape))
         self._k = math.prod(shape[self._axis:])
+        if self._k == 0:
+            raise self.error(f"bottom {self.bottom[0]!r} has shape {tuple(shape)}: the axes from {self._axis} "
+                             f"on hold no values (a dimension 0), so there is nothing to connect")
         xp = ctx.xp
         specs = [(self.weight_filler, (self.num_output, self._k))]
         if self.bias_term:
             specs.append((self.bias_filler, (self.num_output,)))
         self.check_param_specs(len(specs))
+        # Refuse before allocating: a num_output that cannot fit would raise MemoryError mid-setup (or
+        # swap the machine to a halt). The fillers draw in float64 on the host, then cast to the dtype.
+        count = sum(math.prod(s) for _, s in specs)
+        need = count * (8 + ctx.dtype.itemsize)
+        limit = memory_limit_bytes()
+        if limit is not None and ctx.param_bytes + need > limit:
+            raise self.error(f"num_output {self.num_output} x {self._k} inputs makes {count} parameters, "
+                             f"{need / 2**30:.1f} GiB to set up (with the net's other parameters "
+                             f"{(ctx.param_bytes + need) / 2**30:.1f} GiB), more than this machine's "
+                             f"{limit / 2**30:.1f} GiB of memory", field=("inner_product_param", "num_output"))
+        ctx.param_bytes += count * ctx.dtype.itemsize
         self.params = []
         for i, (filler, pshape) in enumerate(specs):
             spec = self.param_spec(i)

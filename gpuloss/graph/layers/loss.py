@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 
-from ..layer import Layer, normalize_axis, register_layer
+from ..layer import Layer, class_labels, finite_number, normalize_axis, register_layer
 from .activation import softmax
 
 __all__ = ["SoftmaxWithLoss", "SigmoidCrossEntropyLoss", "EuclideanLoss", "SmoothL1Loss",
@@ -100,7 +100,9 @@ class SoftmaxWithLoss(_Loss):
 
     ``logits`` has C classes on ``axis`` (``softmax_param { axis }``, default
     1); ``label`` holds ``outer * inner`` class indices (any shape with that
-    count; float labels are truncated to int as Caffe's ``static_cast<int>``).
+    count; a float label must be an exact class index: NaN, inf, 2.5 or 1e30 are
+    errors when the net validates, where Caffe's ``static_cast<int>`` would
+    silently make them some integer).
     ``loss = sum over non-ignored n of -log softmax(logits)[n, label[n]]`` divided
     by the normalizer of ``normalization`` (table in this module's docstring),
     computed by :func:`gpuloss.softmax_cross_entropy`. A second top receives the
@@ -153,9 +155,8 @@ class SoftmaxWithLoss(_Loss):
         outer, inner = self._check_labels(shape, label.shape)
         self._classes = shape[self._axis]
         logits = x.reshape(outer, shape[self._axis], inner)
-        target = label.reshape(outer, inner)
-        if target.dtype.kind not in "iu":
-            target = target.astype(xp.int64)
+        target = class_labels(self, label.reshape(outer, inner), xp, shape[self._axis], self.ignore_label,
+                              self.ctx.validate)
         kw = {"ignore_index": self.ignore_label}  # None: nothing ignored, as Caffe without ignore_label
         loss, grad = _losses().softmax_cross_entropy(
             logits, target, axis=1, reduction=self.reduction, return_grad=True,
@@ -275,9 +276,10 @@ class SmoothL1Loss(_Regression):
 
     def __init__(self, name, bottom=None, top=None, *, sigma: float = 1.0, **common):
         super().__init__(name, bottom, top, normalization="BATCH_SIZE", **common)
-        if not float(sigma) > 0:
-            raise self.error(f"sigma must be > 0, got {sigma}")
-        self.sigma = float(sigma)
+        sigma = finite_number(sigma, "sigma", error=self.error, field=("smooth_l1_loss_param", "sigma"))
+        if not sigma > 0:
+            raise self.error(f"sigma must be > 0, got {sigma}", field=("smooth_l1_loss_param", "sigma"))
+        self.sigma = sigma
 
     @classmethod
     def kwargs_from_proto(cls, lp) -> dict:
