@@ -234,8 +234,11 @@ def _bf16_cross_entropy(backend, x_u16, y):
     loss_rows = cp.empty(rows, np.float32)
     grad = cp.empty_like(x_u16)
     variant, blocks, threads, group = launch.xent_launch(rows, classes, 1, 4)
+    # The argument list of XENT_PARAMS in kernels/xent.cu (no class weights, ignore_index -100, no
+    # smoothing, z-loss or softcap, no z rows).
     args = (x_u16, np.int64(rows), np.int64(classes), np.int64(1), y, x_u16, np.int32(1), w, np.int64(1),
-            np.int64(rows), w, np.int32(0), np.int64(-100), np.float32(0.0), scal, loss_rows, grad, np.int32(1))
+            np.int64(rows), w, np.int32(0), np.int32(1), np.int64(-100), np.float32(0.0), np.float32(0.0),
+            np.float32(0.0), scal, loss_rows, loss_rows, np.int32(0), grad, np.int32(1))
     if variant == "warp":
         backend._launch("xent_warp_fwd_bwd_bf16", blocks, threads, args + (np.int32(group),))
     else:

@@ -67,18 +67,28 @@ class CrossEntropyPlan:
     inner: int
     index_target: bool
     has_class_weight: bool
-    ignore_index: int
+    # None ignores no target value (a flag of its own: no int64 can stand for "nothing").
+    ignore_index: int | None
     label_smoothing: float
     return_grad: bool
     validate: bool
+    # docs/api.md: z_loss c adds c * lse^2 per measurement (PaLM); softcap s maps
+    # x -> s * tanh(x / s) first (Gemma 2); 0.0 turns either off.
+    z_loss: float = 0.0
+    softcap: float = 0.0
+    return_z_loss: bool = False
 
     @property
     def rows(self) -> int:
         return self.outer * self.inner
 
 
-ELEMENTWISE_LOSSES = ("sigmoid_cross_entropy", "log_loss", "mean_squared_error", "absolute_difference",
-                      "huber", "smooth_l1", "hinge")
+# The element-wise loss ids, the one table: gpuloss/backends/cpu.py and launch.py
+# read it, kernels/losses.cuh's enum (kIdentity ... kHinge) is checked against it
+# by tests/test_kernels.py. "identity" is weighted_reduce.
+ELEMENTWISE_KIND = {"identity": 0, "sigmoid_cross_entropy": 1, "log_loss": 2, "mean_squared_error": 3,
+                    "absolute_difference": 4, "huber": 5, "smooth_l1": 6, "hinge": 7}
+ELEMENTWISE_LOSSES = tuple(name for name in ELEMENTWISE_KIND if name != "identity")
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,10 @@ from __future__ import annotations
 import enum
 import math
 import numbers
-import os
 
 import numpy as np
 
-from .backends import BACKEND_NAMES, get_backend, is_cupy_array
+from .backends import BACKEND_NAMES, forced_backend_name, get_backend, is_cupy_array
 
 
 class Reduction(str, enum.Enum):
@@ -52,6 +51,33 @@ def is_array(a) -> bool:
 def check_array(name: str, a) -> None:
     if not is_array(a):
         raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray; got {_kind(a)}")
+
+
+# ndarray subclasses whose meaning a plain view would silently drop: a mask, or
+# matrix semantics (always 2-D, `*` is a matrix product).
+_REFUSED_SUBCLASSES = (np.ma.MaskedArray, np.matrix)
+
+
+def as_input(name: str, a):
+    """An array argument as the kernels read it: a plain array in native byte order.
+
+    Refused with a TypeError naming ``name``: masked arrays (the mask would be
+    ignored: pass ``a.filled(value)`` or select the valid elements) and
+    ``np.matrix``. Other ndarray subclasses (``np.memmap``, ...) are read as plain
+    arrays; a non-native byte order (``">f4"`` on a little-endian machine) is
+    converted to a native copy. Anything else is returned unchanged (the
+    argument's own check names it). The caller's array is never modified.
+    """
+    if isinstance(a, _REFUSED_SUBCLASSES):
+        hint = " (its mask would be ignored: pass a.filled(value) or the valid elements)" \
+            if isinstance(a, np.ma.MaskedArray) else " (pass np.asarray(m))"
+        raise TypeError(f"{name} must be a plain numpy.ndarray or cupy.ndarray; got {_kind(a)}{hint}")
+    if isinstance(a, np.ndarray):
+        if type(a) is not np.ndarray:
+            a = a.view(np.ndarray)
+        if not a.dtype.isnative:
+            a = a.astype(a.dtype.newbyteorder("="))
+    return a
 
 
 def is_bfloat16(dtype) -> bool:
@@ -98,6 +124,50 @@ def normalize_axis(name: str, axis, ndim: int, what: str) -> int:
     return int(axis) % ndim
 
 
+def check_ignore_index(ignore_index) -> int | None:
+    """An int that fits int64 (the kernels' target type), or None (ignore nothing)."""
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int or None; got {_kind(ignore_index)}")
+    info = np.iinfo(np.int64)
+    if not info.min <= int(ignore_index) <= info.max:
+        raise ValueError(f"ignore_index must fit in int64 ([{info.min}, {info.max}]) or be None; "
+                         f"got {int(ignore_index)}")
+    return int(ignore_index)
+
+
+def _where(shape: tuple, flat: int, name: str) -> str:
+    pos = first_bad_position(shape, flat)
+    return f"{name}[{', '.join(map(str, pos))}]" if pos else name
+
+
+def check_class_targets(target, classes: int, ignore_index: int | None) -> None:
+    """Every class-index target is in [0, classes) or equal to ignore_index; the first bad one is named.
+
+    On the GPU this read is the one synchronisation validate=True costs.
+    """
+    bad = (target < 0) | (target >= classes)
+    if ignore_index is not None:
+        bad &= target != ignore_index
+    if bool(bad.any()):
+        flat = int(bad.reshape(-1).argmax())
+        value = int(target.reshape(-1)[flat])
+        ignored = "" if ignore_index is None else f" nor ignore_index={ignore_index}"
+        raise ValueError(f"{_where(tuple(target.shape), flat, 'target')} = {value} is not a class index in "
+                         f"[0, {classes}){ignored}; pass validate=False to get NaN for such rows instead")
+
+
+def check_binary_labels(name: str, target) -> None:
+    """Every label is 0 or 1 (hinge's {0, 1} convention; -1/+1 labels would be read as 2t - 1 = -3/+1)."""
+    bad = (target != 0) & (target != 1)
+    if bool(bad.any()):
+        flat = int(bad.reshape(-1).argmax())
+        value = target.reshape(-1)[flat].item()
+        raise ValueError(f"{_where(tuple(target.shape), flat, name)} = {value!r} is not a label in {{0, 1}} "
+                         f"(for -1/+1 labels pass (t + 1) / 2); pass validate=False to skip this check")
+
+
 def check_real(name: str, value, *, low=None, high=None, low_open=False) -> float:
     """A finite Python float within [low, high] (or (low, high] with low_open)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -127,13 +197,10 @@ def array_module(named_arrays: dict, backend: str | None):
                         f"{', '.join(numpy_names)} on the host (numpy); move them to one device")
     on_gpu = bool(cupy_names)
     if backend is None:
-        forced = os.environ.get("GPULOSS_BACKEND", "").strip().lower()
-        if on_gpu:
-            backend = "cuda"
-        elif forced in ("cpu", "emulated"):
-            backend = forced
-        else:
-            backend = "cpu"
+        # GPULOSS_BACKEND (parsed in one place, a typo is an error) can route NumPy
+        # arrays to the emulated kernels; otherwise the arrays' device decides.
+        forced = forced_backend_name()
+        backend = "cuda" if on_gpu else ("emulated" if forced == "emulated" else "cpu")
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES} or None; got {backend!r}")
     wants_gpu = backend == "cuda"

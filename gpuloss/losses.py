@@ -20,10 +20,6 @@ __all__ = ["softmax_cross_entropy", "sigmoid_cross_entropy", "log_loss", "mean_s
            "absolute_difference", "huber", "smooth_l1", "hinge", "cosine_distance", "weighted_reduce"]
 
 
-# ignore_index=None ignores nothing: the plan carries the one int64 no class index can be.
-NO_IGNORE_INDEX = int(np.iinfo(np.int64).min)
-
-
 def _check_flag(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
@@ -49,14 +45,20 @@ def _arrays(**named):
     return {k: a for k, a in named.items() if v.is_array(a)}
 
 
+def _plain(**named) -> list:
+    """Each argument as the kernels read it (_validate.as_input): subclasses refused, byte order native."""
+    return [v.as_input(k, a) for k, a in named.items()]
+
+
 def _result(loss, grad, return_grad: bool):
     return (loss, grad) if return_grad else loss
 
 
 def softmax_cross_entropy(logits, target, *, axis: int = -1, weight=None, class_weight=None,
-                          ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                          ignore_index: int | None = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                          z_loss: float = 0.0, softcap: float | None = None, return_z_loss: bool = False,
                           return_grad: bool = False, validate: bool = True, backend: str | None = None):
-    """Numerically stable softmax cross entropy (SPEC §2.1).
+    """Numerically stable softmax cross entropy (docs/api.md §2.1).
 
     ``logp = logits - logsumexp(logits, axis)``.  ``ignore_index=None`` ignores no
     label (every target must then be a class index).  With class-index ``target``
@@ -70,6 +72,13 @@ def softmax_cross_entropy(logits, target, *, axis: int = -1, weight=None, class_
     Equal to ``torch.nn.functional.cross_entropy`` for every combination of
     class weights, ignore_index, label smoothing and reduction none/sum/mean.
 
+    Extras (docs/api.md §2.4): ``softcap=s`` replaces the logits by
+    ``s * tanh(logits / s)`` before everything (Gemma 2); ``z_loss=c`` adds
+    ``c * lse[n]**2`` to each measurement's loss (PaLM, Chowdhery et al. 2022,
+    §5), weighted by ``w[n]`` and reduced like the rest.  ``return_z_loss=True``
+    returns ``(loss, z_term)`` (``(loss, z_term, grad)`` with ``return_grad``),
+    ``z_term`` being the z part alone, reduced the same way (already in ``loss``).
+
     Example
     -------
     >>> import numpy as np, gpuloss as gl
@@ -78,6 +87,8 @@ def softmax_cross_entropy(logits, target, *, axis: int = -1, weight=None, class_
     >>> round(float(loss), 4)
     0.2413
     """
+    logits, target, weight, class_weight = _plain(logits=logits, target=target, weight=weight,
+                                                  class_weight=class_weight)
     v.check_floating("logits", logits)
     v.check_array("target", target)
     be = v.array_module(_arrays(logits=logits, target=target, weight=weight, class_weight=class_weight), backend)
@@ -99,32 +110,44 @@ def softmax_cross_entropy(logits, target, *, axis: int = -1, weight=None, class_
         v.check_same_shape("target (probabilities)", target, "logits", logits)
     else:
         raise TypeError(f"target must be integer class indices or floating probabilities; got {target.dtype}")
-    if ignore_index is None:  # no label is ignored (Caffe without ignore_label): -100 is then invalid
-        ignore_index = NO_IGNORE_INDEX
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int or None; got {type(ignore_index).__name__}")
+    ignore_index = v.check_ignore_index(ignore_index)
     eps = v.check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    z_coef = v.check_real("z_loss", z_loss, low=0.0)
+    cap = 0.0 if softcap is None else v.check_real("softcap", softcap, low=0.0, low_open=True)
     red = v.check_reduction(reduction)
+    validate = _check_flag("validate", validate)
     w_values, w_block = v.weight_layout("weight", weight, loss_shape, be.xp, dtypes.compute)
     cw = _aux_array("class_weight", class_weight, be.xp, dtypes.compute, (classes,))
+    if index_target and validate:
+        v.check_class_targets(target, classes, ignore_index)
     plan = CrossEntropyPlan(
         dtypes=dtypes, reduce=ReducePlan(red, loss_shape, w_block), outer=outer, classes=classes, inner=inner,
-        index_target=index_target, has_class_weight=cw is not None, ignore_index=int(ignore_index),
-        label_smoothing=eps, return_grad=_check_flag("return_grad", return_grad),
-        validate=_check_flag("validate", validate))
-    loss, grad = be.cross_entropy(plan, logits, target, w_values, cw)
-    return _result(loss, grad, plan.return_grad)
+        index_target=index_target, has_class_weight=cw is not None, ignore_index=ignore_index,
+        label_smoothing=eps, return_grad=_check_flag("return_grad", return_grad), validate=validate,
+        z_loss=z_coef, softcap=cap, return_z_loss=_check_flag("return_z_loss", return_z_loss))
+    loss, z_term, grad = be.cross_entropy(plan, logits, target, w_values, cw)
+    head = (loss, z_term) if plan.return_z_loss else (loss,)
+    tail = (grad,) if plan.return_grad else ()
+    out = head + tail
+    return out if len(out) > 1 else loss
 
 
 def _elementwise(loss_name: str, first_name: str, pred, target, *, weight, reduction, return_grad, backend,
-                 param: float = 0.0, pos_weight=None):
-    """Shared front half of the element-wise losses: checks, plan, backend call."""
+                 param: float = 0.0, pos_weight=None, binary_labels: bool = False):
+    """Shared front half of the element-wise losses: checks, plan, backend call.
+
+    ``binary_labels``: the targets must be 0 or 1 (hinge with validate=True).
+    """
+    pred, target, weight, pos_weight = _plain(**{first_name: pred, "target": target, "weight": weight,
+                                                 "pos_weight": pos_weight})
     v.check_floating(first_name, pred)
     v.check_array("target", target)
     be = v.array_module(_arrays(**{first_name: pred, "target": target, "weight": weight,
                                    "pos_weight": pos_weight}), backend)
     v.check_real_dtype("target", target)
     v.check_same_shape("target", target, first_name, pred)
+    if binary_labels:
+        v.check_binary_labels("target", target)
     shape = tuple(pred.shape)
     dtypes = DtypePlan.for_input(pred.dtype)
     red = v.check_reduction(reduction)
@@ -212,16 +235,23 @@ def smooth_l1(pred, target, *, beta: float = 1.0, weight=None, reduction: str = 
 
 
 def hinge(logits, target, *, weight=None, reduction: str = "mean", return_grad: bool = False,
-          backend: str | None = None):
-    """``max(0, 1 - y*x)`` with ``y = 2*t - 1``: labels in {0, 1} (TensorFlow's hinge_loss)."""
+          validate: bool = True, backend: str | None = None):
+    """``max(0, 1 - y*x)`` with ``y = 2*t - 1``: labels in {0, 1} (TensorFlow's hinge_loss).
+
+    A label other than 0 or 1 is a ValueError naming its position (a -1/+1 label
+    would silently become y = -3 / +1); ``validate=False`` skips that check (one
+    synchronisation on a GPU) and applies the formula to any label as it is.
+    """
     return _elementwise("hinge", "logits", logits, target, weight=weight, reduction=reduction,
-                        return_grad=return_grad, backend=backend)
+                        return_grad=return_grad, backend=backend,
+                        binary_labels=_check_flag("validate", validate))
 
 
 def cosine_distance(pred, target, *, axis: int = -1, weight=None, reduction: str = "mean",
                     return_grad: bool = False, backend: str | None = None):
     """``1 - sum(pred*target, axis)`` with ``axis`` kept as size 1 (TensorFlow's cosine_distance;
     like TF, the inputs are taken as already unit-normalised)."""
+    pred, target, weight = _plain(pred=pred, target=target, weight=weight)
     v.check_floating("pred", pred)
     v.check_array("target", target)
     be = v.array_module(_arrays(pred=pred, target=target, weight=weight), backend)
@@ -242,7 +272,8 @@ def cosine_distance(pred, target, *, axis: int = -1, weight=None, reduction: str
 
 
 def weighted_reduce(values, weight=None, reduction: str = "mean", *, backend: str | None = None):
-    """Reduce per-element losses ``values`` with ``weight`` by one of the six reductions (SPEC §2.3)."""
+    """Reduce per-element losses ``values`` with ``weight`` by one of the six reductions (docs/api.md §2.3)."""
+    values, weight = _plain(values=values, weight=weight)
     v.check_floating("values", values)
     be = v.array_module(_arrays(values=values, weight=weight), backend)
     shape = tuple(values.shape)

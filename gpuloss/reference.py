@@ -52,28 +52,40 @@ def _reduce(L, w, reduction, grad_of_L=None):
     return np.float64(np.sum(L) / denom), None if grad_of_L is None else grad_of_L / denom
 
 
-def _log_softmax(x, axis):
+def _logsumexp(x, axis):
+    """log(sum(exp(x))) along axis, kept as a size-1 axis; -inf for an all -inf row."""
     m = np.max(x, axis=axis, keepdims=True)
     # An all -inf row has max -inf: shift by 0 so it gives NaN like the kernels, not -inf - -inf early.
     m = np.where(m == -np.inf, 0.0, m)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        lse = m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
-        return x - lse
+        return m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+
+
+def _log_softmax(x, axis):
+    with np.errstate(invalid="ignore"):
+        return x - _logsumexp(x, axis)
 
 
 def softmax_cross_entropy(logits, target, *, axis=-1, weight=None, class_weight=None, ignore_index=-100,
-                          label_smoothing=0.0, reduction="mean"):
+                          label_smoothing=0.0, reduction="mean", z_loss=0.0, softcap=None, return_z_loss=False):
+    """``(loss, grad)``, or ``(loss, z_term, grad)`` with ``return_z_loss``; ``ignore_index=None`` ignores nothing."""
     x = np.moveaxis(_f64(logits), axis, -1)
     C = x.shape[-1]
     eps = float(label_smoothing)
     cw = np.ones(C) if class_weight is None else _f64(class_weight)
     w_sample = broadcast_weight(weight, x.shape[:-1])
     with np.errstate(invalid="ignore", over="ignore"):
+        # Gemma 2 soft-capping: the softmax sees s tanh(x / s); d/dx = 1 - tanh^2(x / s).
+        cap_slope = 1.0
+        if softcap is not None:
+            x = softcap * np.tanh(x / softcap)
+            cap_slope = 1.0 - np.square(x / softcap)
         logp = _log_softmax(x, -1)
+        lse = _logsumexp(x, -1)[..., 0]
         p = np.exp(logp)
         if np.issubdtype(np.asarray(target).dtype, np.integer):
             y = np.asarray(target)
-            valid = y != ignore_index
+            valid = np.ones(y.shape, bool) if ignore_index is None else y != ignore_index
             ys = np.where(valid, y, 0)
             onehot = np.zeros(x.shape)
             np.put_along_axis(onehot, ys[..., None], 1.0, axis=-1)
@@ -89,20 +101,30 @@ def softmax_cross_entropy(logits, target, *, axis=-1, weight=None, class_weight=
             l = (1 - eps) * cw[ys] * nll + (eps / C) * smooth
             l = np.where(valid, l, 0.0)
             w_meas = np.where(valid, w_sample * cw[ys], 0.0)
-            # d l / d x_j = (1-eps) cw[y] (p_j - [j=y]) + eps/C (sum(cw) p_j - cw_j)
-            dl = (1 - eps) * cw[ys][..., None] * (p - onehot) + (eps / C) * (np.sum(cw) * p - cw)
+            # PaLM z-loss, weighted like the CE term (cw[y] inside, as l above): z_loss * cw[y] * lse^2
+            z = np.where(valid, z_loss * cw[ys] * np.square(lse), 0.0)
+            # d l / d x_j = (1-eps) cw[y] (p_j - [j=y]) + eps/C (sum(cw) p_j - cw_j) + 2 z_loss cw[y] lse p_j
+            dl = ((1 - eps) * cw[ys][..., None] * (p - onehot) + (eps / C) * (np.sum(cw) * p - cw)
+                  + 2 * z_loss * (cw[ys] * lse)[..., None] * p)
             dl = np.where(valid[..., None], dl, 0.0)
         else:
             t = np.moveaxis(_f64(target), axis, -1)
             ts = (1 - eps) * t + eps / C
             l = -np.sum(cw * ts * logp, axis=-1)
             w_meas = w_sample
-            # d l / d x_j = p_j sum_c cw_c t'_c - cw_j t'_j
-            dl = p * np.sum(cw * ts, axis=-1, keepdims=True) - cw * ts
+            z = z_loss * np.square(lse)
+            # d l / d x_j = p_j sum_c cw_c t'_c - cw_j t'_j + 2 z_loss lse p_j
+            dl = p * np.sum(cw * ts, axis=-1, keepdims=True) - cw * ts + 2 * z_loss * lse[..., None] * p
+        if z_loss:
+            l = l + z
         L = w_sample * l
-        grad = w_sample[..., None] * dl
+        grad = w_sample[..., None] * dl * cap_slope
     loss, grad = _reduce(L, w_meas, reduction, grad)
-    return loss, np.moveaxis(grad, -1, axis)
+    grad = np.moveaxis(grad, -1, axis)
+    if not return_z_loss:
+        return loss, grad
+    z_term, _ = _reduce(w_sample * (z if z_loss else np.zeros_like(l)), w_meas, reduction)
+    return loss, z_term, grad
 
 
 def _elementwise(l, dl, weight, reduction):

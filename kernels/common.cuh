@@ -335,6 +335,8 @@ GPULOSS_DEVICE float log(float x) { return ::logf(x); }
 GPULOSS_DEVICE double log(double x) { return ::log(x); }
 GPULOSS_DEVICE float log1p(float x) { return ::log1pf(x); }
 GPULOSS_DEVICE double log1p(double x) { return ::log1p(x); }
+GPULOSS_DEVICE float tanh(float x) { return ::tanhf(x); }
+GPULOSS_DEVICE double tanh(double x) { return ::tanh(x); }
 
 // max that propagates NaN (fmaxf drops it): SPEC §3 wants a NaN in a row to
 // reach that row's loss, never a silent number.

@@ -6,8 +6,10 @@
 //   sum_over_batch_size: L.size; sum_by_nonzero_weights: count(w != 0);
 //   batch_size: L.shape[0]. A divisor of 0 gives loss 0 and grad 0, never NaN.
 // For class-index cross entropy w[n] = weight[n] * cw[y[n]] and 0 where
-// y[n] == ignore_index (PyTorch CrossEntropyLoss); an out-of-range target
-// (validate=False) keeps weight[n] (its loss is NaN anyway) and never reads cw.
+// y[n] == ignore_index (PyTorch CrossEntropyLoss; ignore_index=None ignores
+// nothing, carried as has_ignore = 0, never as a sentinel target value); an
+// out-of-range target (validate=False) keeps weight[n] (its loss is NaN
+// anyway) and never reads cw.
 //
 // Why on the device: the gradient of a mean is scaled by 1/sum(w). Reading
 // sum(w) on the host would be a synchronisation in the middle of every loss
@@ -31,10 +33,11 @@
 // reads the per-row losses once; both are small beside the logits.
 //
 // Entry points:
-//   reduce_weights_<a>(w_values, w_count, w_block, y, cw, classes,
+//   reduce_weights_<a>(w_values, w_count, w_block, y, cw, classes, has_ignore,
 //                      ignore_index, use_targets, n, partials[2 * gridDim.x])
 //       w[i] = w_values[i / w_block] (one value: all i), times for use_targets
-//       1: 0 where y[i] == ignore_index, 2: the same and cw[y[i]];
+//       1: 0 where y[i] == ignore_index (only when has_ignore), 2: the same
+//       and cw[y[i]];
 //       partials[b] = sum of w over block b's slice, partials[G + b] = count(w != 0)
 //   reduce_denominator_f64(partials, nparts, mode, constant, mult, scal[2])
 //   reduce_sum_<a>(x, n, partials[gridDim.x])             sum of x in float64
@@ -57,15 +60,15 @@ GPULOSS_DEVICE double sum_partials(const double* partials, index_t n) {
 
 template <class A>
 __device__ void reduce_weights(const A* w_values, index_t w_count, index_t w_block, const int64_t* y, const A* cw,
-                               index_t classes, int64_t ignore_index, int use_targets, index_t n,
-                               double* partials) {
+                               index_t classes, int has_ignore, int64_t ignore_index, int use_targets,
+                               index_t n, double* partials) {
   __shared__ double scratch[gl::kMaxWarps];
   double sum = 0.0, nonzero = 0.0;
   for (index_t i = gl::global_thread_id(); i < n; i += gl::grid_stride()) {
     double w = (double)gll::weight_at(w_values, w_count, w_block, i);
     if (use_targets) {
       const int64_t yi = y[i];
-      if (yi == ignore_index) w = 0.0;
+      if (has_ignore && yi == ignore_index) w = 0.0;
       else if (use_targets == 2 && yi >= 0 && yi < classes) w *= (double)cw[yi];
     }
     sum += w;
@@ -114,9 +117,10 @@ GPULOSS_REGISTER(reduce_denominator_f64)
 #define GPULOSS_REDUCE_ENTRIES(sfx, A)                                                                         \
   extern "C" __global__ void reduce_weights_##sfx(const A* w_values, gl::index_t w_count, gl::index_t w_block, \
                                                   const int64_t* y, const A* cw, gl::index_t classes,         \
-                                                  int64_t ignore_index, int use_targets, gl::index_t n,       \
-                                                  double* partials) {                                         \
-    reduce_weights<A>(w_values, w_count, w_block, y, cw, classes, ignore_index, use_targets, n, partials);    \
+                                                  int has_ignore, int64_t ignore_index, int use_targets,      \
+                                                  gl::index_t n, double* partials) {                          \
+    reduce_weights<A>(w_values, w_count, w_block, y, cw, classes, has_ignore, ignore_index, use_targets, n,   \
+                      partials);                                                                               \
   }                                                                                                            \
   GPULOSS_REGISTER(reduce_weights_##sfx)                                                                       \
   extern "C" __global__ void reduce_sum_##sfx(const A* x, gl::index_t n, double* partials) {                  \

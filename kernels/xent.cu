@@ -23,20 +23,30 @@
 //   the row's grad NaN, and x[y] is never read.
 // Probability targets t (t' = (1-eps) t + eps/C, wt_c = cw_c t'_c):
 //   l = sum_c wt_c (-logp_c),   dl/dx_j = p_j sum_c wt_c - wt_j.
-// Loss row n is weight[n] * l; grad = scal[1] * weight[n] * dl/dx, scal[1] =
-// 1/denominator written by reduce.cu on the device. A NaN logit makes m and s
-// NaN, so the row's loss and every grad entry of that row are NaN.
+// Extras (both off at 0): softcap s replaces every logit by s * tanh(x / s)
+// before anything else (Gemma 2's final-logit soft-capping), and the gradient
+// of each class is multiplied by d/dx = 1 - tanh^2(x / s); z_loss c adds
+// c * lse^2 per measurement (PaLM, Chowdhery et al. 2022, section 5), lse the
+// log-sum-exp of the (capped) row, weighted and ignored like the CE term
+// (index targets: by weight[n] * cw_y), with gradient 2 c lse p_j.
+// Loss row n is weight[n] * l (+ the z term); grad = scal[1] * weight[n] *
+// dl/dx, scal[1] = 1/denominator written by reduce.cu on the device. A NaN
+// logit makes m and s NaN, so the row's loss and every grad entry of that row
+// are NaN; so does a +inf logit or a row of -inf (every class masked).
 //
-// Launch shapes (chosen from C and the layout by gpuloss/backends/launch.py):
-//   xent_fwd_bwd_<p>          class axis last, C large: one row per block
-//                             (grid-strided over rows), block reductions.
-//   xent_warp_fwd_bwd_<p>     class axis last, C small: a warp holds 32/group
-//                             rows, `group` (a power of two <= 32) lanes each,
-//                             reductions by shuffles only.
-//   xent_strided_fwd_bwd_<p>  class axis not last (logits [outer, C, inner]):
-//                             one thread per measurement n = o*inner + i; the
-//                             threads of a warp read consecutive i, so each
-//                             class step is a coalesced load.
+// Launch shapes (chosen from C by gpuloss/backends/launch.py). Measurement
+// n = o * inner + i has its classes at o*C*inner + c*inner + i; every variant
+// takes any `inner`, so a class axis that is not last gets the same per-thread
+// sums (and the same accuracy) as a last one:
+//   xent_fwd_bwd_<p>          C large: one row per block (grid-strided over
+//                             rows), block reductions.
+//   xent_warp_fwd_bwd_<p>     C small: a warp holds 32/group rows, `group`
+//                             (a power of two <= 32) lanes each, reductions
+//                             by shuffles only.
+//   xent_strided_fwd_bwd_<p>  C tiny and the class axis not last: one thread
+//                             per measurement; the threads of a warp read
+//                             consecutive i, so each class step is a
+//                             coalesced load.
 // Contiguous rows are read with 16-byte vector loads after a scalar head up to
 // the first 16-byte boundary (any row alignment works, including offset views).
 //
@@ -68,14 +78,33 @@ struct XentArgs {
   index_t w_count, w_block;
   const A* cw;  // class weights, or unused when has_cw == 0 (all ones)
   int has_cw;
+  int has_ignore;  // 0: no target value is ignored (ignore_index=None), whatever ignore_index holds
   int64_t ignore_index;
   A eps;
+  A z_loss;            // c of the z term c * lse^2 (PaLM, Chowdhery et al. 2022, section 5); 0: off
+  A softcap;           // s of x -> s * tanh(x / s) (Gemma 2 final-logit soft-capping); 0: off
   const double* scal;  // {denominator, 1/denominator}
-  A* loss_rows;        // weight[n] * l[n]
+  A* loss_rows;        // weight[n] * l[n] (the z term included)
+  A* z_rows;           // weight[n] * cw[y] * c * lse^2 alone, when want_z
+  int want_z;
   T* grad;
   int want_grad;
 
   GPULOSS_DEVICE A class_weight(index_t c) const { return has_cw ? cw[c] : A(1); }
+  // The logit the softmax sees: capped when softcap is on (a +-inf logit becomes +-s).
+  GPULOSS_DEVICE A cap(A v) const { return softcap != A(0) ? softcap * gl::tanh(v / softcap) : v; }
+  // d cap(v) / dv = 1 - tanh^2(v / s), from the capped value vc.
+  GPULOSS_DEVICE A cap_slope(A vc) const {
+    if (softcap == A(0)) return A(1);
+    const A r = vc / softcap;
+    return A(1) - r * r;
+  }
+  // Measurement n's classes sit at base + c * stride of x (logits [outer, C, inner]).
+  GPULOSS_DEVICE index_t base(index_t n) const {
+    if (inner == 1) return n * C;
+    const index_t o = n / inner;
+    return o * C * inner + (n - o * inner);
+  }
 };
 
 // Who cooperates on one row: a whole block, `width` lanes of a warp, or one thread.
@@ -135,14 +164,15 @@ GPULOSS_DEVICE void softmax_update_rest(gl::SoftmaxState<A>& st, A& rest, A x, b
 // Reductions are called unconditionally, under conditions uniform across the
 // launch, so no barrier or shuffle is ever skipped by part of a group.
 template <class T, class P, class G>
-__device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, index_t base, index_t stride,
-                         bool active) {
+__device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool active) {
   typedef gl::acc_t<T> A;
   const index_t C = a.C;
+  const index_t stride = a.inner;
+  const index_t base = active ? a.base(n) : 0;
   const int rank = grp.rank(), size = grp.size();
-  const T* xr = a.x + (active ? base : 0);
-  T* gr = a.grad + (active ? base : 0);
-  const P* tr = a.t + (active ? base : 0);
+  const T* xr = a.x + base;
+  T* gr = a.grad + base;
+  const P* tr = a.t + base;
   const A one = A(1);
   const A eps = a.eps;
   const A uniform = eps / (A)C;
@@ -151,7 +181,7 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, index
   bool ignored = false, invalid = false;
   if (a.index_target && active) {
     yn = a.y[n];
-    ignored = yn == a.ignore_index;
+    ignored = a.has_ignore && yn == a.ignore_index;
     invalid = !ignored && (yn < 0 || yn >= C);
   }
   const bool live = active && !ignored && !invalid;
@@ -165,50 +195,57 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, index
   if (live) {
     if (!a.index_target) {
       gll::visit_row(xr, C, stride, rank, size, [&](index_t c, A v) {
-        gl::softmax_update(st, v);
+        gl::softmax_update(st, a.cap(v));
         extra += a.class_weight(c) * ((one - eps) * (A)gl::load_as_acc(tr, c * stride) + uniform);
       });
     } else {
       const bool sum_cw = smoothing && a.has_cw;
       gll::visit_row(xr, C, stride, rank, size, [&](index_t c, A v) {
-        softmax_update_rest(st, rest, v, c != yn);
+        softmax_update_rest(st, rest, a.cap(v), c != yn);
         if (sum_cw) extra += a.cw[c];
       });
     }
   }
   const A m_local = st.max;
   st = grp.softmax(st);
-  // A +inf logit gives +inf - logsumexp = inf - inf: the row is NaN, as in
-  // gpuloss.reference, the cpu backend and PyTorch's log_softmax.
-  if (st.max == gl::pos_inf<A>()) st.max = st.sum = gl::quiet_nan<A>();
+  // A +inf logit gives +inf - logsumexp = inf - inf, and a row of -inf (every
+  // class masked, or C = 1 with -inf) gives -inf - -inf: both rows are NaN, as
+  // in gpuloss.reference, the cpu backend and PyTorch's log_softmax. Without
+  // this, the x_y == m test below would take the log1p branch for an all
+  // -inf row and return log(C).
+  if (st.max == gl::pos_inf<A>() || st.max == gl::neg_inf<A>()) st.max = st.sum = gl::quiet_nan<A>();
   const A m = st.max;
   const A log_s = gl::log(st.sum);
+  const A lse = m + log_s;  // of the (capped) logits
   if (a.index_target) rest = grp.sum(rest * gl::softmax_scale(m_local, m));
   if (!a.index_target || (smoothing && a.has_cw)) extra = grp.sum(extra);
   else extra = (A)C;  // sum of unit class weights
   const A w = active ? gll::weight_at(a.w_values, a.w_count, a.w_block, n) : A(0);
   const A g = (A)a.scal[1] * w;
+  const A z_coef = A(2) * a.z_loss * lse;  // d (c lse^2) / d x'_j = 2 c lse p_j
 
   if (a.index_target) {
     const A cw_y = live ? a.class_weight(yn) : A(0);
     const A coef_y = g * (one - eps) * cw_y;
     const A coef_s = g * uniform;
-    const A coef_p = coef_y + coef_s * extra;
+    const A coef_z = g * cw_y * z_coef;
+    const A coef_p = coef_y + coef_s * extra + coef_z;
     A smooth = A(0);
     if (a.want_grad || smoothing) {
       if (live) {
         if (a.want_grad) {
           gll::map_row(xr, gr, C, stride, rank, size, [&](index_t c, A v) {
-            const A p = gl::exp((v - m) - log_s);
+            const A vc = a.cap(v);
+            const A p = gl::exp((vc - m) - log_s);
             const A cwc = a.class_weight(c);
-            if (smoothing) smooth += cwc * ((m - v) + log_s);
-            if (c != yn) return coef_p * p - coef_s * cwc;
+            if (smoothing) smooth += cwc * ((m - vc) + log_s);
+            if (c != yn) return (coef_p * p - coef_s * cwc) * a.cap_slope(vc);
             // coef_y (p_y - 1) = -coef_y rest / s: no cancellation when p_y is close to 1.
-            return -coef_y * rest / st.sum + coef_s * (extra * p - cwc);
+            return (-coef_y * rest / st.sum + (coef_s * extra + coef_z) * p - coef_s * cwc) * a.cap_slope(vc);
           });
         } else {
           gll::visit_row(xr, C, stride, rank, size,
-                         [&](index_t c, A v) { smooth += a.class_weight(c) * ((m - v) + log_s); });
+                         [&](index_t c, A v) { smooth += a.class_weight(c) * ((m - a.cap(v)) + log_s); });
         }
       } else if (active && a.want_grad) {
         gll::fill_row(gr, C, stride, rank, size, ignored ? A(0) : gl::quiet_nan<A>());
@@ -216,21 +253,23 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, index
       if (smoothing) smooth = grp.sum(smooth);
     }
     if (active && rank == 0) {
-      A l;
+      A l, z;
       if (ignored) {
-        l = A(0);
+        l = z = A(0);
       } else if (invalid) {
-        l = gl::quiet_nan<A>();
+        l = z = gl::quiet_nan<A>();
       } else {
-        const A x_y = gl::load_as_acc(xr, yn * stride);
+        const A x_y = a.cap(gl::load_as_acc(xr, yn * stride));
         // -logp_y = (m - x_y) + log s; when y holds the max, s = 1 + rest and
         // log1p(rest) keeps a tiny loss (a confident row) exact.
         const A nll = x_y == m ? gl::log1p(rest) : (m - x_y) + log_s;
         l = (one - eps) * cw_y * nll;
         if (smoothing) l += uniform * smooth;
-        l = w * l;
+        z = a.z_loss != A(0) ? w * cw_y * a.z_loss * lse * lse : A(0);
+        l = w * l + z;
       }
       a.loss_rows[n] = l;
+      if (a.want_z) a.z_rows[n] = z;
     }
   } else {
     const A mass = extra;
@@ -238,27 +277,32 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, index
     if (active) {
       if (a.want_grad) {
         gll::map_row(xr, gr, C, stride, rank, size, [&](index_t c, A v) {
+          const A vc = a.cap(v);
           const A wt = a.class_weight(c) * ((one - eps) * (A)gl::load_as_acc(tr, c * stride) + uniform);
-          loss += wt * ((m - v) + log_s);
-          const A p = gl::exp((v - m) - log_s);
-          return g * (p * mass - wt);
+          loss += wt * ((m - vc) + log_s);
+          const A p = gl::exp((vc - m) - log_s);
+          return g * (p * (mass + z_coef) - wt) * a.cap_slope(vc);
         });
       } else {
         gll::visit_row(xr, C, stride, rank, size, [&](index_t c, A v) {
           const A wt = a.class_weight(c) * ((one - eps) * (A)gl::load_as_acc(tr, c * stride) + uniform);
-          loss += wt * ((m - v) + log_s);
+          loss += wt * ((m - a.cap(v)) + log_s);
         });
       }
     }
     loss = grp.sum(loss);
-    if (active && rank == 0) a.loss_rows[n] = w * loss;
+    if (active && rank == 0) {
+      const A z = a.z_loss != A(0) ? w * a.z_loss * lse * lse : A(0);
+      a.loss_rows[n] = w * loss + z;
+      if (a.want_z) a.z_rows[n] = z;
+    }
   }
 }
 
 template <class T, class P>
 __device__ void xent_block(const XentArgs<T, P>& a) {
   const BlockGroup grp;
-  for (index_t n = blockIdx.x; n < a.rows; n += gridDim.x) xent_row(a, grp, n, n * a.C, index_t(1), true);
+  for (index_t n = blockIdx.x; n < a.rows; n += gridDim.x) xent_row(a, grp, n, true);
 }
 
 template <class T, class P>
@@ -270,18 +314,14 @@ __device__ void xent_warp(const XentArgs<T, P>& a, int group) {
   // `first` is the same for every lane of the warp: the loop is warp-uniform.
   for (index_t first = warp * rows_per_warp; first < a.rows; first += warps * rows_per_warp) {
     const index_t n = first + gl::lane_id() / group;
-    const bool active = n < a.rows;
-    xent_row(a, grp, n, active ? n * a.C : 0, index_t(1), active);
+    xent_row(a, grp, n, n < a.rows);
   }
 }
 
 template <class T, class P>
 __device__ void xent_strided(const XentArgs<T, P>& a) {
   const SoloGroup grp;
-  for (index_t n = gl::global_thread_id(); n < a.rows; n += gl::grid_stride()) {
-    const index_t o = n / a.inner, i = n - o * a.inner;
-    xent_row(a, grp, n, o * a.C * a.inner + i, a.inner, true);
-  }
+  for (index_t n = gl::global_thread_id(); n < a.rows; n += gl::grid_stride()) xent_row(a, grp, n, true);
 }
 
 }  // namespace
@@ -289,11 +329,13 @@ __device__ void xent_strided(const XentArgs<T, P>& a) {
 #define XENT_PARAMS(T, P)                                                                                    \
   const T *x, gl::index_t rows, gl::index_t classes, gl::index_t inner, const int64_t *y, const P *t,        \
       int index_target, const gl::acc_t<T> *w_values, gl::index_t w_count, gl::index_t w_block,              \
-      const gl::acc_t<T> *cw, int has_cw, int64_t ignore_index, gl::acc_t<T> eps, const double *scal,        \
-      gl::acc_t<T> *loss_rows, T *grad, int want_grad
+      const gl::acc_t<T> *cw, int has_cw, int has_ignore, int64_t ignore_index, gl::acc_t<T> eps,            \
+      gl::acc_t<T> z_loss, gl::acc_t<T> softcap, const double *scal, gl::acc_t<T> *loss_rows,                \
+      gl::acc_t<T> *z_rows, int want_z, T *grad, int want_grad
 #define XENT_ARGS(T, P)                                                                                       \
-  XentArgs<T, P> a{x,  rows, classes, inner, y,   t,   index_target, w_values, w_count, w_block, cw, has_cw, \
-                   ignore_index, eps, scal, loss_rows, grad, want_grad}
+  XentArgs<T, P> a{x,      rows,         classes, inner,   y,    t,         index_target, w_values,          \
+                   w_count, w_block,     cw,      has_cw,  has_ignore, ignore_index, eps, z_loss, softcap,    \
+                   scal,   loss_rows,    z_rows,  want_z,  grad, want_grad}
 
 // No __launch_bounds__: at 1024 threads it would cap registers at 64 and make
 // the float64 row kernel (~94 registers at sm_90) spill; launch.py gives

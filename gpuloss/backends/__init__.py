@@ -39,14 +39,24 @@ def cuda_unavailable_reason() -> str | None:
     return None if count > 0 else "no CUDA device answers (0 devices)"
 
 
+def forced_backend_name() -> str | None:
+    """The backend ``GPULOSS_BACKEND`` names, or None when it is unset, empty or ``auto``.
+
+    The one parser of the variable: a value that names no backend is a ValueError
+    wherever it is read (the loss functions, ``Net``, the command line).
+    """
+    forced = os.environ.get("GPULOSS_BACKEND", "").strip().lower()
+    if not forced or forced == "auto":
+        return None
+    if forced not in BACKEND_NAMES:
+        raise ValueError(f"GPULOSS_BACKEND must be one of {('auto',) + BACKEND_NAMES} (or unset); "
+                         f"got {os.environ['GPULOSS_BACKEND']!r}")
+    return forced
+
+
 def default_backend_name() -> str:
     """``GPULOSS_BACKEND`` if set, else ``cuda`` when a device answers, else ``cpu``."""
-    forced = os.environ.get("GPULOSS_BACKEND", "").strip().lower()
-    if forced and forced != "auto":
-        if forced not in BACKEND_NAMES:
-            raise ValueError(f"GPULOSS_BACKEND must be one of {('auto',) + BACKEND_NAMES}, got {forced!r}")
-        return forced
-    return "cuda" if cuda_unavailable_reason() is None else "cpu"
+    return forced_backend_name() or ("cuda" if cuda_unavailable_reason() is None else "cpu")
 
 
 def is_cupy_array(a) -> bool:

@@ -15,7 +15,7 @@ import types
 import numpy as np
 from numba import njit, prange
 
-from .._plan import CosinePlan, CrossEntropyPlan, ElementwisePlan, WeightedReducePlan
+from .._plan import ELEMENTWISE_KIND, CosinePlan, CrossEntropyPlan, ElementwisePlan, WeightedReducePlan
 from . import host
 from .cpu_math import exp_nonpositive, maxnum
 
@@ -65,11 +65,6 @@ class _KernelPair:
 def parallel_kernel(**options):
     """Decorator: a _KernelPair of the function, compiled with Numba ``options``."""
     return lambda py_func: _KernelPair(py_func, options)
-
-
-# Element-wise loss ids, shared by the kernel below and ElementwisePlan.loss names.
-_KIND = {"identity": 0, "sigmoid_cross_entropy": 1, "log_loss": 2, "mean_squared_error": 3,
-         "absolute_difference": 4, "huber": 5, "smooth_l1": 6, "hinge": 7}
 
 
 @njit(inline="always")
@@ -165,13 +160,21 @@ def _make_elementwise_kernel(name: str, kind: int):
 
 
 @njit(inline="always")
-def _row_max_and_log_sum_exp(x, n, classes):
-    """Row max m and log(sum_c exp(x_c - m)); a NaN anywhere gives NaN, an all -inf row NaN."""
+def _row_max(x, n, classes):
+    """Row max; a NaN anywhere makes it NaN."""
     m = x[n, 0]
     for c in range(1, classes):
         v = x[n, c]
         if v > m or v != v:
             m = v
+    return m
+
+
+@njit(inline="always")
+def _row_max_and_log_sum_exp(x, n, classes):
+    """Row max m and log(sum_c exp(x_c - m)); a NaN anywhere gives NaN, so do a +inf and an all -inf row
+    (x_c - m is then inf - inf or -inf - -inf)."""
+    m = _row_max(x, n, classes)
     s = 0.0
     for c in range(classes):
         s += math.exp(x[n, c] - m)
@@ -179,60 +182,92 @@ def _row_max_and_log_sum_exp(x, n, classes):
 
 
 @njit(inline="always")
-def _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, grad_scale, want_grad, loss_out, grad_out):
-    """One row of cross entropy with a class-index target, computed directly (twin of kernels/xent.cu).
+def _invalid_row(n, want_grad, want_z, loss_out, z_out, grad_out):
+    """A target outside [0, C) (only reached with validate=False): NaN, and no read out of bounds."""
+    loss_out[n] = np.nan
+    if want_z:
+        z_out[n] = np.nan
+    if want_grad:
+        for c in range(grad_out.shape[1]):
+            grad_out[n, c] = np.nan
+
+
+@njit(inline="always")
+def _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, z_loss, grad_scale, want_grad, want_z, loss_out,
+                    z_out, grad_out):
+    """One row of cross entropy with a class-index target, scalar math (twin of kernels/xent.cu).
 
     l = (1-eps) cw[y] (-logp_y) + eps/C sum_c cw[c] (-logp_c)   (PyTorch CrossEntropyLoss docs)
-    dl/dx_j = (1-eps) cw[y] (p_j - [j=y]) + eps/C (sum(cw) p_j - cw_j)
-    -logp_c is formed as (m - x_c) + log(s) so that |logits| ~ 1e4 lose no digits.
+        + z_loss lse^2                                          (PaLM §5; weighted by cw[y] like the rest)
+    dl/dx_j = (1-eps) cw[y] (p_j - [j=y]) + eps/C (sum(cw) p_j - cw_j) + 2 z_loss lse cw[y] p_j
+    -logp_c is formed as (m - x_c) + log(s) so that |logits| ~ 1e4 lose no digits, and
+    -logp_y as log1p(rest), rest = sum_{c != y} e^(x_c - m), when y holds the max: a confident
+    row's tiny loss keeps its digits (1 + 1e-18 is 1 even in float64).
     """
     classes = x.shape[1]
-    m, log_s = _row_max_and_log_sum_exp(x, n, classes)
-    if yn < 0 or yn >= classes:  # only reached with validate=False: NaN, and no read out of bounds
-        loss_out[n] = np.nan
-        if want_grad:
-            for c in range(classes):
-                grad_out[n, c] = np.nan
+    if yn < 0 or yn >= classes:
+        _invalid_row(n, want_grad, want_z, loss_out, z_out, grad_out)
         return
+    m = _row_max(x, n, classes)
+    s = 0.0
+    rest = 0.0
+    for c in range(classes):
+        e = math.exp(x[n, c] - m)
+        s += e
+        if c != yn:
+            rest += e
+    log_s = math.log(s)
+    lse = m + log_s
+    x_y = x[n, yn]
+    nll = math.log1p(rest) if x_y == m else (m - x_y) + log_s
     cw_y = class_weight[yn]
-    smooth_coef = eps / classes
-    loss = (1.0 - eps) * cw_y * ((m - x[n, yn]) + log_s)
+    loss = (1.0 - eps) * cw_y * nll
     if eps != 0.0:
         smooth = 0.0
         for c in range(classes):
             smooth += class_weight[c] * ((m - x[n, c]) + log_s)
-        loss += smooth_coef * smooth
-    loss_out[n] = w_row[n] * loss
+        loss += (eps / classes) * smooth
+    z = w_row[n] * cw_y * z_loss * lse * lse if z_loss != 0.0 else 0.0
+    loss_out[n] = w_row[n] * loss + z
+    if want_z:
+        z_out[n] = z
     if want_grad:
         g = grad_scale * w_row[n]
         a = g * (1.0 - eps) * cw_y
-        b = g * smooth_coef
+        b = g * (eps / classes)
+        zc = g * cw_y * 2.0 * z_loss * lse
         for c in range(classes):
             p = math.exp((x[n, c] - m) - log_s)
-            grad_out[n, c] = (a + b * cw_sum) * p - b * class_weight[c]
-        grad_out[n, yn] -= a
+            grad_out[n, c] = (a + b * cw_sum + zc) * p - b * class_weight[c]
+        # a (p_y - 1) = -a rest / s: no cancellation when p_y is close to 1.
+        p_y = math.exp((x_y - m) - log_s)
+        grad_out[n, yn] = -a * rest / s + (b * cw_sum + zc) * p_y - b * cw_y
 
 
 @njit(inline="always")
-def _ignored_row(n, want_grad, loss_out, grad_out):
+def _ignored_row(n, want_grad, want_z, loss_out, z_out, grad_out):
     loss_out[n] = 0.0
+    if want_z:
+        z_out[n] = 0.0
     if want_grad:
         for c in range(grad_out.shape[1]):
             grad_out[n, c] = 0.0
 
 
 @parallel_kernel()
-def _xent_index_kernel(x, y, w_row, class_weight, ignore_index, eps, grad_scale, want_grad, loss_out, grad_out):
+def _xent_index_kernel(x, y, w_row, class_weight, has_ignore, ignore_index, eps, z_loss, grad_scale, want_grad,
+                       want_z, loss_out, z_out, grad_out):
     """Cross entropy with class-index targets, one row per iteration, scalar math (float64 inputs)."""
     cw_sum = 0.0
     for c in range(x.shape[1]):
         cw_sum += class_weight[c]
     for n in prange(x.shape[0]):
         yn = y[n]
-        if yn == ignore_index:
-            _ignored_row(n, want_grad, loss_out, grad_out)
+        if has_ignore and yn == ignore_index:
+            _ignored_row(n, want_grad, want_z, loss_out, z_out, grad_out)
         else:
-            _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, grad_scale, want_grad, loss_out, grad_out)
+            _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, z_loss, grad_scale, want_grad, want_z,
+                            loss_out, z_out, grad_out)
 
 
 # The float32 sweeps of the fast cross entropy, one small function each: LLVM
@@ -242,7 +277,7 @@ def _xent_index_kernel(x, y, w_row, class_weight, ignore_index, eps, grad_scale,
 
 
 @njit(cache=True, fastmath=_VEC)
-def _row_max(row):
+def _row_max_vec(row):
     m = row[0]
     for c in range(row.size):
         m = maxnum(m, row[c])
@@ -322,15 +357,15 @@ def _row_finish_grad(g, coef, b, class_weight, has_class_weight):
 
 
 @parallel_kernel()
-def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, ignore_index, eps, grad_scale, want_grad,
-                           loss_out, grad_out):
+def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, has_ignore, ignore_index, eps, z_loss,
+                           grad_scale, want_grad, want_z, loss_out, z_out, grad_out):
     """Float32 cross entropy with class-index targets at the memory and exp limit.
 
     Per row, sweeps over data in L2 after the first: (1) the max (llvm.maxnum,
     NaN ignored), (2) e_c = exp(x_c - m) with cpu_math's vectorised exp, stored
     into the gradient row while rest = sum_{c != y} e_c accumulates (a NaN logit
-    makes it NaN), (3) the gradient finished in place: grad_c = (a + b sum(cw))
-    e_c / s - b cw_c, and grad_y from rest directly.  The sums have a fixed
+    makes it NaN), (3) the gradient finished in place: grad_c = (a + b sum(cw) +
+    zc) e_c / s - b cw_c, and grad_y from rest directly.  The sums have a fixed
     order, so results do not depend on the thread count.  Rows holding NaN or
     +inf, an all -inf row, or an invalid target take the scalar path of
     _xent_index_row.
@@ -342,59 +377,72 @@ def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, ignore_i
     smooth_coef = eps / classes
     for n in prange(rows):
         yn = y[n]
-        if yn == ignore_index:
-            _ignored_row(n, want_grad, loss_out, grad_out)
+        if has_ignore and yn == ignore_index:
+            _ignored_row(n, want_grad, want_z, loss_out, z_out, grad_out)
             continue
         row = x[n]
-        m = _row_max(row)
+        m = _row_max_vec(row)
         if not (-np.inf < m < np.inf) or yn < 0 or yn >= classes:
-            _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, grad_scale, want_grad, loss_out, grad_out)
+            _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, z_loss, grad_scale, want_grad, want_z,
+                            loss_out, z_out, grad_out)
             continue
         rest = _row_sum_exp_except(row, m, grad_out[n] if want_grad else grad_out[0], want_grad, yn)
         e_y = exp_nonpositive(row[yn] - m)
         s = rest + e_y
         if s != s:  # a NaN in the row (exp_nonpositive passes it on): the scalar path makes it NaN
-            _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, grad_scale, want_grad, loss_out, grad_out)
+            _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, z_loss, grad_scale, want_grad, want_z,
+                            loss_out, z_out, grad_out)
             continue
         log_s = math.log(s)
+        lse = m + log_s
         # -logp_y = (m - x_y) + log s; when y holds the max, e_y = 1 and it is log1p(rest), exact for tiny losses.
         nll = math.log1p(rest) if row[yn] == m else (m - row[yn]) + log_s
         cw_y = class_weight[yn]
         loss = (1.0 - eps) * cw_y * nll
         if eps != 0.0:  # sum_c cw_c (-logp_c) = sum_c cw_c (m - x_c) + sum(cw) log s
             loss += smooth_coef * (_row_weighted_gap(row, class_weight, m) + cw_sum * log_s)
-        loss_out[n] = w_row[n] * loss
+        z = w_row[n] * cw_y * z_loss * lse * lse if z_loss != 0.0 else 0.0
+        loss_out[n] = w_row[n] * loss + z
+        if want_z:
+            z_out[n] = z
         if want_grad:
             g = grad_scale * w_row[n]
             a = g * (1.0 - eps) * cw_y
             b = g * smooth_coef
-            _row_finish_grad(grad_out[n], np.float32((a + b * cw_sum) / s), np.float32(b), class_weight,
+            zc = g * cw_y * 2.0 * z_loss * lse  # d (z_loss lse^2) / d x_c = 2 z_loss lse p_c
+            _row_finish_grad(grad_out[n], np.float32((a + b * cw_sum + zc) / s), np.float32(b), class_weight,
                              has_class_weight)
             # a (p_y - 1) = -a rest / s: no cancellation when p_y is close to 1.
-            grad_out[n, yn] = -a * rest / s + b * (cw_sum * (e_y / s) - cw_y)
+            grad_out[n, yn] = -a * rest / s + (b * cw_sum + zc) * (e_y / s) - b * cw_y
 
 
 @parallel_kernel()
-def _xent_prob_kernel(x, t, w_row, class_weight, eps, grad_scale, want_grad, loss_out, grad_out):
+def _xent_prob_kernel(x, t, w_row, class_weight, eps, z_loss, grad_scale, want_grad, want_z, loss_out, z_out,
+                      grad_out):
     """Cross entropy with probability targets t' = (1-eps) t + eps/C:
-    l = -sum_c cw_c t'_c logp_c,   dl/dx_j = p_j sum_c cw_c t'_c - cw_j t'_j."""
+    l = -sum_c cw_c t'_c logp_c + z_loss lse^2,   dl/dx_j = p_j (sum_c cw_c t'_c + 2 z_loss lse) - cw_j t'_j."""
     rows, classes = x.shape
     uniform = eps / classes
     for n in prange(rows):
         m, log_s = _row_max_and_log_sum_exp(x, n, classes)
+        lse = m + log_s
         loss = 0.0
         mass = 0.0
         for c in range(classes):
             wt = class_weight[c] * ((1.0 - eps) * t[n, c] + uniform)
             loss += wt * ((m - x[n, c]) + log_s)
             mass += wt
-        loss_out[n] = w_row[n] * loss
+        z = w_row[n] * z_loss * lse * lse if z_loss != 0.0 else 0.0
+        loss_out[n] = w_row[n] * loss + z
+        if want_z:
+            z_out[n] = z
         if want_grad:
             g = grad_scale * w_row[n]
+            coef = mass + 2.0 * z_loss * lse
             for c in range(classes):
                 wt = class_weight[c] * ((1.0 - eps) * t[n, c] + uniform)
                 p = math.exp((x[n, c] - m) - log_s)
-                grad_out[n, c] = g * (p * mass - wt)
+                grad_out[n, c] = g * (p * coef - wt)
 
 
 @parallel_kernel()
@@ -412,7 +460,7 @@ def _cosine_kernel(p, t, w_row, grad_scale, want_grad, loss_out, grad_out):
                 grad_out[n, k] = g * t[n, k]
 
 
-_ELEMENTWISE_KERNELS = {name: _make_elementwise_kernel(name, kind) for name, kind in _KIND.items()}
+_ELEMENTWISE_KERNELS = {name: _make_elementwise_kernel(name, kind) for name, kind in ELEMENTWISE_KIND.items()}
 
 
 def _scalar(value, dtype):
@@ -428,36 +476,43 @@ class CpuBackend:
     def cross_entropy(self, plan: CrossEntropyPlan, logits, target, w_values, class_weight):
         dt = plan.dtypes
         x = host.rows_last(logits, plan.outer, plan.classes, plan.inner, dt.compute)
+        if plan.softcap:  # Gemma 2: the kernels see s * tanh(x / s); a new array, the input is untouched
+            x = (plan.softcap * np.tanh(x / dt.compute.type(plan.softcap))).astype(dt.compute, copy=False)
         rows = plan.rows
         w_row = host.per_row(w_values, plan.reduce.weight_block, rows)
         cw = class_weight if class_weight is not None else np.ones(plan.classes, dt.compute)
         loss_rows = np.empty(rows, dt.compute)
+        z_rows = np.empty(rows if plan.return_z_loss else 1, dt.compute)
         # Without a gradient, one row of it still exists as a never-written e_out that does not alias
         # the logits: an e_out equal to the row makes LLVM's alias check fall back to scalar code (1.5x).
         grad = np.empty((rows, plan.classes) if plan.return_grad else (1, plan.classes), dt.compute)
+        eps, z_loss = _scalar(plan.label_smoothing, dt.compute), _scalar(plan.z_loss, dt.compute)
+        has_ignore = plan.ignore_index is not None
+        ignore_index = plan.ignore_index if has_ignore else 0
         if plan.index_target:
-            y = np.ascontiguousarray(target.reshape(-1)).astype(np.int64, copy=False)
-            if plan.validate:
-                host.check_class_targets(target, plan.classes, plan.ignore_index)
+            y = host.class_indices(target)
             denom = host.denominator(plan.reduce, w_meas=host.index_target_weights(y, w_row, cw, plan.ignore_index))
-            scale = float(host.inverse(denom))
-            eps, grad_scale = _scalar(plan.label_smoothing, dt.compute), _scalar(scale, dt.compute)
+            grad_scale = _scalar(float(host.inverse(denom)), dt.compute)
             if dt.compute == np.float32:
-                _xent_index_kernel_f32(x.size, x, y, w_row, cw, plan.has_class_weight, plan.ignore_index, eps, grad_scale,
-                                       plan.return_grad, loss_rows, grad)
+                _xent_index_kernel_f32(x.size, x, y, w_row, cw, plan.has_class_weight, has_ignore, ignore_index, eps,
+                                       z_loss, grad_scale, plan.return_grad, plan.return_z_loss, loss_rows, z_rows,
+                                       grad)
             else:
-                _xent_index_kernel(x.size, x, y, w_row, cw, plan.ignore_index, eps, grad_scale, plan.return_grad,
-                                   loss_rows, grad)
+                _xent_index_kernel(x.size, x, y, w_row, cw, has_ignore, ignore_index, eps, z_loss, grad_scale,
+                                   plan.return_grad, plan.return_z_loss, loss_rows, z_rows, grad)
         else:
             t = host.rows_last(target, plan.outer, plan.classes, plan.inner, dt.compute)
             denom = host.denominator(plan.reduce, w_values=w_values)
-            scale = float(host.inverse(denom))
-            _xent_prob_kernel(x.size, x, t, w_row, cw, _scalar(plan.label_smoothing, dt.compute),
-                              _scalar(scale, dt.compute), plan.return_grad, loss_rows, grad)
+            grad_scale = _scalar(float(host.inverse(denom)), dt.compute)
+            _xent_prob_kernel(x.size, x, t, w_row, cw, eps, z_loss, grad_scale, plan.return_grad, plan.return_z_loss,
+                              loss_rows, z_rows, grad)
         loss = host.finish_rows(plan.reduce, loss_rows, denom, dt)
+        z_term = host.finish_rows(plan.reduce, z_rows, denom, dt) if plan.return_z_loss else None
         if not plan.return_grad:
-            return loss, None
-        return loss, host.rows_back(grad, logits.shape, plan.outer, plan.classes, plan.inner, dt.input)
+            return loss, z_term, None
+        if plan.softcap:  # chain rule through s * tanh(x / s): times 1 - tanh^2 = 1 - (x' / s)^2
+            grad *= 1 - np.square(x / dt.compute.type(plan.softcap))
+        return loss, z_term, host.rows_back(grad, logits.shape, plan.outer, plan.classes, plan.inner, dt.input)
 
     def elementwise(self, plan: ElementwisePlan, pred, target, w_values, pos_weight):
         dt = plan.dtypes

@@ -1,4 +1,4 @@
-"""Host-side glue every backend shares: layouts, denominators, target checks.
+"""Host-side glue every backend shares: layouts, denominators, target conversion.
 
 Written against the array's own module (NumPy or CuPy), so the cpu backend and
 the launch code of cuda/emulated use one copy.  Denominators depend only on
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._plan import DtypePlan, ReducePlan
-from .._validate import Reduction, first_bad_position
+from .._validate import Reduction
 
 
 def xp_of(a):
@@ -50,21 +50,22 @@ def per_row(w_values, block: int, rows: int):
     return w_values[xp.arange(rows) // block]
 
 
-def check_class_targets(target, classes: int, ignore_index: int) -> None:
-    """SPEC §7: the first target that is neither ignore_index nor in [0, classes) is named."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-    if bool(bad.any()):  # the one synchronisation validate=True costs on a GPU
-        flat = int(bad.reshape(-1).argmax())
-        pos = first_bad_position(tuple(target.shape), flat)
-        value = int(target.reshape(-1)[flat])
-        where = f"target[{', '.join(map(str, pos))}]" if pos else "target"
-        ignored = "" if ignore_index == np.iinfo(np.int64).min else f" nor ignore_index={ignore_index}"
-        raise ValueError(f"{where} = {value} is not a class index in [0, {classes}){ignored}; "
-                         f"pass validate=False to get NaN for such rows instead")
+def class_indices(target):
+    """Class-index targets as contiguous int64 (the kernels' type).
+
+    uint64 values above the int64 range are clamped to its top (an invalid class,
+    NaN with validate=False) instead of wrapping round to a negative number that
+    could equal ignore_index.
+    """
+    xp = xp_of(target)
+    y = target.reshape(-1)
+    if y.dtype == np.uint64:
+        y = xp.minimum(y, np.uint64(np.iinfo(np.int64).max))
+    return xp.ascontiguousarray(y).astype(np.int64, copy=False)
 
 
-def index_target_weights(y, w_row, class_weight, ignore_index: int):
-    """Per-measurement weight w[n] = weight[n] * cw[y[n]], 0 where ignored (SPEC §2.1).
+def index_target_weights(y, w_row, class_weight, ignore_index: int | None):
+    """Per-measurement weight w[n] = weight[n] * cw[y[n]], 0 where ignored (docs/api.md §2.1).
 
     An out-of-range target (validate=False) keeps weight[n]: its loss is NaN anyway.
     """
@@ -73,35 +74,56 @@ def index_target_weights(y, w_row, class_weight, ignore_index: int):
     in_range = (y >= 0) & (y < classes)
     cw_y = class_weight[xp.where(in_range, y, 0)]
     cw_y = xp.where(in_range, cw_y, 1)
-    return xp.where(y != ignore_index, w_row * cw_y, 0).astype(np.float64)
+    w = w_row * cw_y
+    if ignore_index is not None:
+        w = xp.where(y != ignore_index, w, 0)
+    return w.astype(np.float64)
+
+
+# How the divisor of docs/api.md §2.3 is found; the numbers are kernels/losses.cuh's
+# kDenomConstant / kDenomWeightSum / kDenomNonzero (checked by tests/test_kernels.py).
+DENOM_CONSTANT, DENOM_WEIGHT_SUM, DENOM_NONZERO = 0, 1, 2
+
+
+def denominator_rule(reduce: ReducePlan, value_count: int | None = None) -> tuple[int, float]:
+    """The one source of the reductions' divisors: ``(mode, number)``.
+
+    ``DENOM_CONSTANT``: the divisor is ``number``. ``DENOM_WEIGHT_SUM`` /
+    ``DENOM_NONZERO``: it is ``number`` times the sum / the non-zero count of the
+    weights. ``value_count=None`` means per-measurement weights (one per loss
+    element); else the (values, block) layout of ``value_count`` values, each
+    covering ``weight_block`` measurements (one value covers them all).
+    """
+    r = reduce.reduction
+    if r in (Reduction.NONE, Reduction.SUM):
+        return DENOM_CONSTANT, 1.0
+    if reduce.size == 0:
+        return DENOM_CONSTANT, 0.0
+    if r == Reduction.SUM_OVER_BATCH_SIZE:
+        return DENOM_CONSTANT, float(reduce.size)
+    if r == Reduction.BATCH_SIZE:
+        return DENOM_CONSTANT, float(reduce.batch)
+    mode = DENOM_WEIGHT_SUM if r == Reduction.MEAN else DENOM_NONZERO
+    if value_count is None:
+        return mode, 1.0
+    return mode, float(reduce.size if value_count == 1 else reduce.weight_block)
 
 
 def denominator(reduce: ReducePlan, w_meas=None, w_values=None):
-    """The divisor of SPEC §2.3's table as a float64 0-d array (1 for none/sum).
+    """The divisor of docs/api.md §2.3 as a float64 0-d array (1 for none/sum), by denominator_rule.
 
     Give either the per-measurement weights ``w_meas`` or the (values, block)
-    layout's ``w_values`` (with ``reduce.weight_block``), which is exact for
-    every loss whose measurement weight is the user's weight alone.
+    layout's ``w_values``, which is exact for every loss whose measurement
+    weight is the user's weight alone.
     """
-    xp = xp_of(w_meas if w_meas is not None else w_values)
-    r = reduce.reduction
-    if r in (Reduction.NONE, Reduction.SUM):
-        return xp.asarray(1.0)
-    if reduce.size == 0:
-        return xp.asarray(0.0)
-    if r == Reduction.SUM_OVER_BATCH_SIZE:
-        return xp.asarray(float(reduce.size))
-    if r == Reduction.BATCH_SIZE:
-        return xp.asarray(float(reduce.batch))
-    if w_meas is not None:
-        if r == Reduction.MEAN:
-            return xp.sum(w_meas, dtype=np.float64)
-        return xp.count_nonzero(w_meas).astype(np.float64)
-    # Each value covers weight_block measurements (a scalar covers them all).
-    block = reduce.size if w_values.size == 1 else reduce.weight_block
-    if r == Reduction.MEAN:
-        return xp.sum(w_values, dtype=np.float64) * block
-    return xp.count_nonzero(w_values).astype(np.float64) * block
+    w = w_meas if w_meas is not None else w_values
+    xp = xp_of(w)
+    mode, number = denominator_rule(reduce, None if w_meas is not None else w_values.size)
+    if mode == DENOM_CONSTANT:
+        return xp.asarray(number)
+    if mode == DENOM_WEIGHT_SUM:
+        return xp.sum(w, dtype=np.float64) * number
+    return xp.count_nonzero(w).astype(np.float64) * number
 
 
 def inverse(denom):

@@ -29,16 +29,10 @@ from typing import Callable
 
 import numpy as np
 
-from .._plan import CosinePlan, CrossEntropyPlan, DtypePlan, ElementwisePlan, ReducePlan, WeightedReducePlan
+from .._plan import (ELEMENTWISE_KIND, CosinePlan, CrossEntropyPlan, DtypePlan, ElementwisePlan, ReducePlan,
+                     WeightedReducePlan)
 from .._validate import Reduction
 from . import host
-
-# Element-wise loss ids: kernels/losses.cuh gll::kIdentity ... kHinge (and cpu.py _KIND).
-ELEMENTWISE_KIND = {"identity": 0, "sigmoid_cross_entropy": 1, "log_loss": 2, "mean_squared_error": 3,
-                    "absolute_difference": 4, "huber": 5, "smooth_l1": 6, "hinge": 7}
-
-# Denominator modes: kernels/losses.cuh kDenomConstant / kDenomWeightSum / kDenomNonzero.
-_DENOM_CONSTANT, _DENOM_SUM, _DENOM_NONZERO = 0, 1, 2
 
 _SUFFIX = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
 
@@ -50,10 +44,13 @@ _SUFFIX = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf
 ITEMS_PER_THREAD = 16
 MAX_THREADS = 256
 MAX_BLOCKS = 1024
-# Cross entropy with the class axis last: rows of at most this many classes go
-# to the rows-per-warp kernel (a lane then holds up to 32 of them), longer rows
-# get a block each.
+# Cross entropy: rows of at most this many classes go to the rows-per-warp
+# kernel (a lane then holds up to 32 of them), longer rows get a block each.
 WARP_MAX_CLASSES = 1024
+# With the class axis not last, rows of at most this many classes get one
+# thread each (coalesced loads across measurements; a thread then sums no more
+# classes than a lane of the warp kernel does), longer ones the kernels above.
+SOLO_MAX_CLASSES = 32
 # At most 512 threads a row: the 16/32-bit row kernel takes ~40 registers at
 # sm_90, so three 512-thread blocks share an SM (75% occupancy) where a
 # 1024-thread block fits once (50%). float64 rows (~94 registers) stay at 512
@@ -87,12 +84,15 @@ def one_block(n: int) -> int:
 def xent_launch(rows: int, classes: int, inner: int, acc_itemsize: int = 4) -> tuple[str, int, int, int]:
     """(variant, blocks, threads, group) of the cross-entropy kernel for this shape.
 
-    ``strided``: class axis not last, one thread per measurement. ``warp``:
-    ``group`` lanes per row (a power of two: ~8 classes per lane, at most 32).
-    ``block``: one row per block of a power-of-two number of threads (~64
-    classes per thread: enough independent loads in flight to cover latency).
+    ``strided``: class axis not last and at most SOLO_MAX_CLASSES classes, one
+    thread per measurement. ``warp``: ``group`` lanes per row (a power of two:
+    ~8 classes per lane, at most 32). ``block``: one row per block of a
+    power-of-two number of threads (~64 classes per thread: enough independent
+    loads in flight to cover latency). The split of a row over threads depends
+    on C only, not on where the class axis is, so every layout sums the same way
+    (a class axis not last once summed 262144 classes in one float32 thread).
     """
-    if inner != 1:
+    if inner != 1 and classes <= SOLO_MAX_CLASSES:
         blocks, threads = grid_1d(rows, 1)
         return "strided", blocks, threads, 1
     if classes <= WARP_MAX_CLASSES:
@@ -198,43 +198,33 @@ class LaunchBackend:
         return t, (sfx + "_f32" if dt.compute != dt.input else sfx)
 
     # -- denominators and reductions --------------------------------------------------------
-    def _scal(self, reduce: ReducePlan, w_values, *, y=None, class_weight=None, ignore_index: int = 0,
+    def _scal(self, reduce: ReducePlan, w_values, *, y=None, class_weight=None, ignore_index: int | None = None,
               classes: int = 0):
-        """Device array {denominator, 1/denominator (0 for 0)} of SPEC §2.3, float64[2].
+        """Device array {denominator, 1/denominator (0 for 0)} of docs/api.md §2.3, float64[2],
+        by host.denominator_rule (the one table of divisors).
 
         With ``y`` (class-index cross entropy) the weights are weight[n] * cw[y[n]],
         0 where ignored; otherwise the (values, block) layout's values.
         """
         xp = self.xp
-        r = reduce.reduction
         scal = xp.empty(2, np.float64)
-        mode, constant, mult = _DENOM_CONSTANT, 1.0, 1.0
+        mode, number = host.denominator_rule(reduce, None if y is not None else w_values.size)
         partials, nparts = self._dummy(np.float64), 0
-        if r in (Reduction.NONE, Reduction.SUM):
-            constant = 1.0
-        elif reduce.size == 0:
-            constant = 0.0
-        elif r == Reduction.SUM_OVER_BATCH_SIZE:
-            constant = float(reduce.size)
-        elif r == Reduction.BATCH_SIZE:
-            constant = float(reduce.batch)
-        else:
-            mode = _DENOM_SUM if r == Reduction.MEAN else _DENOM_NONZERO
+        if mode != host.DENOM_CONSTANT:
             acc = w_values.dtype
             if y is not None:
                 n, w_block, use_targets = y.size, reduce.weight_block, 2 if class_weight is not None else 1
-                mult = 1.0
             else:
-                # each value covers `block` measurements (a scalar covers them all)
                 n, w_block, use_targets = w_values.size, 1, 0
-                mult = float(reduce.size if w_values.size == 1 else reduce.weight_block)
             blocks, threads = grid_1d(n)
             partials, nparts = xp.empty(2 * blocks, np.float64), blocks
             self._launch(f"reduce_weights_{dtype_suffix(acc)}", blocks, threads, (
                 w_values, np.int64(w_values.size), np.int64(w_block),
                 y if y is not None else self._dummy(np.int64),
                 class_weight if class_weight is not None else self._dummy(acc),
-                np.int64(classes), np.int64(ignore_index), np.int32(use_targets), np.int64(n), partials))
+                np.int64(classes), np.int32(ignore_index is not None),
+                np.int64(0 if ignore_index is None else ignore_index), np.int32(use_targets), np.int64(n), partials))
+        constant, mult = (number, 1.0) if mode == host.DENOM_CONSTANT else (1.0, number)
         self._launch("reduce_denominator_f64", 1, one_block(nparts), (
             partials, np.int64(nparts), np.int32(mode), np.float64(constant), np.float64(mult), scal))
         return scal
@@ -269,9 +259,7 @@ class LaunchBackend:
         w = self._weights(w_values, dt)
         cw = None if class_weight is None else self._contiguous(class_weight, dt.compute)
         if plan.index_target:
-            if plan.validate:
-                host.check_class_targets(target, classes, plan.ignore_index)
-            y = self._contiguous(target.reshape(-1), np.int64)
+            y = host.class_indices(target)
             t, sfx = self._dummy(dt.input), dtype_suffix(dt.input)
             scal = self._scal(plan.reduce, w, y=y, class_weight=cw, ignore_index=plan.ignore_index,
                               classes=classes)
@@ -280,12 +268,15 @@ class LaunchBackend:
             t, sfx = self._second_operand(target, dt)
             scal = self._scal(plan.reduce, w)
         loss_rows = xp.empty(rows, dt.compute)
+        z_rows = xp.empty(rows, dt.compute) if plan.return_z_loss else self._dummy(dt.compute)
         grad = xp.empty(logits.shape, dt.input) if plan.return_grad else self._dummy(dt.input)
         variant, blocks, threads, group = xent_launch(rows, classes, inner, dt.compute.itemsize)
+        has_ignore = plan.ignore_index is not None
         args = (x, np.int64(rows), np.int64(classes), np.int64(inner), y, t, np.int32(plan.index_target),
                 w, np.int64(w.size), np.int64(plan.reduce.weight_block),
                 cw if cw is not None else self._dummy(dt.compute), np.int32(cw is not None),
-                np.int64(plan.ignore_index), A(plan.label_smoothing), scal, loss_rows, grad,
+                np.int32(has_ignore), np.int64(plan.ignore_index if has_ignore else 0), A(plan.label_smoothing),
+                A(plan.z_loss), A(plan.softcap), scal, loss_rows, z_rows, np.int32(plan.return_z_loss), grad,
                 np.int32(plan.return_grad))
         if variant == "warp":
             self._launch(f"xent_warp_fwd_bwd_{sfx}", blocks, threads, args + (np.int32(group),))
@@ -294,7 +285,8 @@ class LaunchBackend:
         else:
             self._launch(f"xent_strided_fwd_bwd_{sfx}", blocks, threads, args)
         loss = self._finish_rows(plan.reduce, loss_rows, scal, dt)
-        return loss, (grad if plan.return_grad else None)
+        z_term = self._finish_rows(plan.reduce, z_rows, scal, dt) if plan.return_z_loss else None
+        return loss, z_term, (grad if plan.return_grad else None)
 
     def elementwise(self, plan: ElementwisePlan, pred, target, w_values, pos_weight):
         dt = plan.dtypes
