@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,33 +21,46 @@ DEFAULT_SOLVER = _HERE / "default_solver.prototxt"
 
 
 def register(subparsers) -> None:
+    from gpuloss.cli import backend_arg, existing_file, non_negative_int, npz_file, positive_int
+
     p = subparsers.add_parser(
         "train", help="train a net (by default an MLP on scikit-learn's digits)",
         description="Train a Caffe-style net. With no NET: the packaged default net and solver on "
-                    "scikit-learn's digits, a classification loss plus a 0.3-weighted reconstruction loss.")
-    p.add_argument("net", nargs="?", help="net prototxt (default: the packaged digits MLP, or the solver's net)")
-    p.add_argument("--solver", help="solver prototxt (default: the packaged default_solver.prototxt)")
-    p.add_argument("--data", help=".npz of training inputs, keyed by input blob name (default: digits)")
-    p.add_argument("--test-data", help=".npz of test inputs (default: the digits test split with --data unset)")
-    p.add_argument("--max-iter", type=int, help="override the solver's max_iter")
-    p.add_argument("--backend", default="auto", help="auto | cpu | cuda | emulated (default: auto)")
-    p.add_argument("--resume", help="snapshot .npz to continue from")
+                    "scikit-learn's digits, a classification loss plus a 0.3-weighted reconstruction loss. "
+                    "Snapshots are written atomically (a kill leaves the previous whole file); "
+                    "--resume checks a snapshot completely before loading it.")
+    p.add_argument("net", nargs="?", type=existing_file("net prototxt"),
+                   help="net prototxt file (default: the solver's net, else the packaged digits MLP)")
+    p.add_argument("--solver", type=existing_file("solver prototxt"),
+                   help="solver prototxt file (default: the packaged default_solver.prototxt)")
+    p.add_argument("--data", type=npz_file("--data"),
+                   help=".npz of training inputs, keyed by input blob name (default: digits)")
+    p.add_argument("--test-data", type=npz_file("--test-data"),
+                   help=".npz of test inputs (default: the digits test split when --data is unset)")
+    p.add_argument("--max-iter", type=non_negative_int, help="override the solver's max_iter")
+    p.add_argument("--backend", default="auto", type=backend_arg,
+                   help="auto | cpu | cuda | emulated (default: auto)")
+    p.add_argument("--resume", type=existing_file("--resume snapshot"), help="snapshot .npz to continue from")
     p.add_argument("--snapshot-prefix", help="override the solver's snapshot_prefix")
-    p.add_argument("--seed", type=int, help="override the solver's random_seed")
-    p.add_argument("--threads", type=int, help="CPU threads for the cpu backend's kernels and BLAS "
+    p.add_argument("--seed", type=non_negative_int, help="override the solver's random_seed")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for the cpu backend's kernels and BLAS "
                    "(default: 1 for small nets, where waking threads costs more than the work; else all)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: display and test results are printed as plain lines")
     p.set_defaults(func=_train_cmd)
 
     t = subparsers.add_parser("time", help="per-layer forward/backward times, like `caffe time`",
                               description="Median per-layer forward and backward times of NET on random "
-                                          "inputs of its declared shapes (labels in range).")
-    t.add_argument("net", help="net prototxt")
-    t.add_argument("--iterations", type=int, default=50, help="timed iterations (default 50)")
+                                          "inputs of its declared shapes (labels in range). With no NET: "
+                                          "the packaged default net that `gpuloss train` trains.")
+    t.add_argument("net", nargs="?", type=existing_file("net prototxt"),
+                   help="net prototxt file (default: the packaged digits MLP)")
+    t.add_argument("--iterations", type=positive_int, default=50, help="timed iterations (default 50)")
     t.add_argument("--phase", default="TRAIN", choices=("TRAIN", "TEST"))
-    t.add_argument("--batch", type=int, help="batch size (default: the declared input shapes')")
-    t.add_argument("--backend", default="auto", help="auto | cpu | cuda | emulated (default: auto)")
-    t.add_argument("--threads", type=int, help="CPU threads (default: 1 for small nets, else all)")
+    t.add_argument("--batch", type=positive_int, help="batch size (default: the declared input shapes')")
+    t.add_argument("--backend", default="auto", type=backend_arg,
+                   help="auto | cpu | cuda | emulated (default: auto)")
+    t.add_argument("--threads", type=positive_int, help="CPU threads (default: 1 for small nets, else all)")
     t.set_defaults(func=_time_cmd)
 
 
@@ -53,24 +70,64 @@ def _user_errors():
     """The errors a user's prototxt, solver or data can cause: reported in one line, no traceback."""
     from .layer import GraphError
     from .proto import PrototxtError
-    return (GraphError, PrototxtError, OSError)
+    return (GraphError, PrototxtError, OSError, MemoryError)
+
+
+def _one_line(command: str, exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        text = f"out of memory{': ' + str(exc) if str(exc) else ''}"
+    elif isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        text = str(exc)
+    # The functional API (and Net) suggest an argument the command line cannot pass.
+    text = re.sub(r";?\s*(?:pass|build the Net with) validate=False[^;]*",
+                  "; fix the data: the command line always checks labels", text)
+    return f"gpuloss {command}: " + " ".join(text.split())
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the snapshot being written is cleaned up."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception():
+    def handler(signum, frame):
+        raise _Terminated()
+    try:
+        before = signal.signal(signal.SIGTERM, handler)
+    except ValueError:   # not the main thread: leave the signal alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _train_cmd(args) -> int:
+    status: dict = {}
     try:
-        train(net=args.net, solver=args.solver, data=args.data, test_data=args.test_data,
-              max_iter=args.max_iter, backend=args.backend, resume=args.resume,
-              snapshot_prefix=args.snapshot_prefix, seed=args.seed, progress=not args.no_progress,
-              threads=args.threads)
+        with _terminate_as_exception():
+            train(net=args.net, solver=args.solver, data=args.data, test_data=args.test_data,
+                  max_iter=args.max_iter, backend=args.backend, resume=args.resume,
+                  snapshot_prefix=args.snapshot_prefix, seed=args.seed, progress=not args.no_progress,
+                  threads=args.threads, _status=status)
     except _user_errors() as exc:
-        print(f"gpuloss train: {exc}", file=sys.stderr)
+        print(_one_line("train", exc), file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, _Terminated) as exc:
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
+        where = f" at iteration {status['iter']}" if "iter" in status else ""
+        snap = f"; newest snapshot: {status['snapshot']}" if status.get("snapshot") else "; no snapshot written"
+        print(f"gpuloss train: {what}{where}{snap}", file=sys.stderr)
+        return 130 if what == "interrupted" else 128 + signal.SIGTERM
     return 0
 
 
 def _load_config(solver, net):
     from .solver import SolverConfig
-    cfg = SolverConfig.from_prototxt(solver or DEFAULT_SOLVER)
+    cfg = SolverConfig.from_prototxt(Path(solver) if solver is not None else DEFAULT_SOLVER)
     if net is not None:
         cfg.net = os.fspath(net)
     elif solver is None or not cfg.net:
@@ -78,25 +135,77 @@ def _load_config(solver, net):
     return cfg
 
 
+def _check_arrays(arrays: dict, net, source: str) -> dict:
+    """The net's inputs from ``arrays``: each present, real-valued, shaped as declared past the batch axis,
+    all of one non-zero length. Checked before the first iteration, not found at the thousandth."""
+    from .layer import GraphError
+    missing = [n for n in net.input_names if n not in arrays]
+    if missing:
+        raise GraphError(f"the {source} lacks {missing}; the net's inputs are {net.input_names} "
+                         f"(keys of the .npz)")
+    out = {}
+    for name in net.input_names:
+        a = arrays[name]
+        declared = net.input_shape(name)
+        if a.dtype.kind not in "biuf":
+            raise GraphError(f"the {source}: array {name!r} has dtype {a.dtype}; inputs must be real numbers")
+        if a.ndim != len(declared) or tuple(a.shape[1:]) != tuple(declared[1:]):
+            raise GraphError(f"the {source}: array {name!r} has shape {a.shape}; the net declares {declared} "
+                             f"(any number of samples, the other dimensions as declared)")
+        out[name] = a
+    lengths = {k: len(v) for k, v in out.items()}
+    if len(set(lengths.values())) != 1:
+        raise GraphError(f"the {source}: arrays must hold the same number of samples, got {lengths}")
+    if next(iter(lengths.values()), 0) == 0:
+        raise GraphError(f"the {source} holds no samples")
+    return out
+
+
+def _check_snapshot_folder(prefix: str) -> None:
+    """Create the snapshot folder and prove it takes a file, before the first iteration: a bad
+    snapshot_prefix must not be found when the run's final snapshot fails."""
+    from .layer import GraphError
+    directory = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".gpuloss-write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise GraphError(f"snapshot_prefix {prefix!r}: cannot write snapshots in {directory!r} "
+                         f"({exc.strerror or exc})") from None
+
+
 def train(net=None, solver=None, data=None, test_data=None, *, max_iter=None, backend="auto", resume=None,
-          snapshot_prefix=None, seed=None, progress=True, threads=None, out=print) -> dict:
-    """Train as ``gpuloss train`` does; returns ``{"iterations", "seconds", "test": {top: mean}}``."""
+          snapshot_prefix=None, seed=None, progress=True, threads=None, out=print, _status=None) -> dict:
+    """Train as ``gpuloss train`` does; returns ``{"iterations", "seconds", "test": {top: mean}}``.
+
+    ``net``, ``solver``, ``data``, ``test_data`` and ``resume`` are paths (never
+    prototxt text). Everything that can be checked is checked before the first
+    iteration: the solver, the net, the data's keys and shapes, the snapshot to
+    resume from, and that the snapshot folder can be written.
+    """
     from .data import BatchFeeder, load_digits_split, load_npz
     from .layer import GraphError
     from .net import Net
     from .solver import make_solver
 
+    status = {} if _status is None else _status
     cfg = _load_config(solver, net)
-    if max_iter is not None:
-        cfg.max_iter = int(max_iter)
-    if snapshot_prefix is not None:
-        cfg.snapshot_prefix = snapshot_prefix
-    if seed is not None:
-        cfg.random_seed = seed
+    overrides = {k: v for k, v in (("max_iter", max_iter), ("snapshot_prefix", snapshot_prefix),
+                                   ("random_seed", seed)) if v is not None}
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)   # checked again, as a file's values are
+    if cfg.snapshot and not cfg.snapshot_prefix:
+        raise GraphError(f"the solver asks for a snapshot every {cfg.snapshot} iterations but gives no "
+                         f"snapshot_prefix (set one in the solver or pass --snapshot-prefix)")
     net_seed = cfg.random_seed if cfg.random_seed >= 0 else 0
-    train_net = Net.from_prototxt(cfg.net, phase="TRAIN", backend=backend, seed=net_seed)
-    test_net = Net.from_prototxt(cfg.net, phase="TEST", backend=train_net.backend, seed=net_seed)
+    net_path = Path(cfg.net)   # a path, never prototxt text
+    train_net = Net.from_prototxt(net_path, phase="TRAIN", backend=backend, seed=net_seed)
+    test_net = Net.from_prototxt(net_path, phase="TEST", backend=train_net.backend, seed=net_seed)
     test_net.share_params_from(train_net)
+    if not train_net.input_names:
+        raise GraphError(f"{net_path}: the net has no inputs to feed data to")
 
     if data is None:
         train_arrays, test_arrays = load_digits_split(seed=0)
@@ -106,24 +215,33 @@ def train(net=None, solver=None, data=None, test_data=None, *, max_iter=None, ba
         source = os.fspath(data)
     if test_data is not None:
         test_arrays = load_npz(test_data)
-    missing = [n for n in train_net.input_names if n not in train_arrays]
-    if missing:
-        raise GraphError(f"the training data ({source}) lacks {missing}; the net's inputs are "
-                         f"{train_net.input_names} (keys of the .npz)")
-    train_arrays = {n: train_arrays[n] for n in train_net.input_names}
-    batch = train_net.input_shape(train_net.input_names[0])[0]
+    train_arrays = _check_arrays(train_arrays, train_net, f"training data ({source})")
+    if test_arrays:
+        test_arrays = _check_arrays(test_arrays, test_net, "test data"
+                                    + (f" ({os.fspath(test_data)})" if test_data is not None else ""))
+    batch = train_net.input_shape(train_net.input_names[0])[0] if train_net.input_shape(
+        train_net.input_names[0]) else 0
+    if batch < 1:
+        raise GraphError(f"{net_path}: input {train_net.input_names[0]!r} declares batch size {batch}; "
+                         f"training needs >= 1")
     feeder = BatchFeeder(train_arrays, batch, seed=net_seed)
     sol = make_solver(train_net, cfg, test_net=test_net)
     if resume:
-        sol.restore(resume)
+        sol.restore(resume)   # checks the whole file first; a bad one changes nothing
+    if cfg.snapshot_prefix and (cfg.snapshot or cfg.snapshot_after_train):
+        _check_snapshot_folder(cfg.snapshot_prefix)
     n_params = sum(int(np.prod(p.data.shape)) for p in train_net.learnable_params)
     n_test = len(next(iter(test_arrays.values()))) if test_arrays else 0
-    out(f"training {train_net.name or Path(cfg.net).name} ({n_params} parameters) on {source}: "
+    out(f"training {train_net.name or net_path.name} ({n_params} parameters) on {source}: "
         f"{feeder.n} train / {n_test} test samples, batch {batch}, {cfg.type} solver, "
         f"{cfg.max_iter} iterations, backend {train_net.backend}")
+    if resume:
+        out(f"resuming from {os.fspath(resume)} at iteration {sol.iter}")
+        status["snapshot"] = os.fspath(resume)
+    status["iter"] = sol.iter
 
     with _cpu_threads(train_net, batch, threads):
-        return _train_loop(sol, cfg, feeder, train_net, test_net, test_arrays, n_test, progress, out)
+        return _train_loop(sol, cfg, feeder, train_net, test_net, test_arrays, n_test, progress, out, status)
 
 
 @contextlib.contextmanager
@@ -146,8 +264,13 @@ def _cpu_threads(net, batch, n=None):
         return
     import numba
     from threadpoolctl import threadpool_limits   # installed with scikit-learn
+
+    from .layer import GraphError
+    most = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= int(n) <= most:   # refused, not clamped: the user asked for something else
+        raise GraphError(f"threads must be in [1, {most}] (NUMBA_NUM_THREADS), got {n}")
     before = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(int(n))
     try:
         with threadpool_limits(limits=int(n)):
             yield
@@ -155,11 +278,14 @@ def _cpu_threads(net, batch, n=None):
         numba.set_num_threads(before)
 
 
-def _train_loop(sol, cfg, feeder, train_net, test_net, test_arrays, n_test, progress, out):
+def _train_loop(sol, cfg, feeder, train_net, test_net, test_arrays, n_test, progress, out, status):
     from tqdm import tqdm
 
     def postfix(values: dict) -> dict:
         return {k: f"{v:.4f}" for k, v in values.items()}
+
+    def line(it: int, values: dict) -> str:
+        return f"iteration {it}: " + ", ".join(f"{k} = {v:.4f}" for k, v in values.items())
 
     start = time.perf_counter()
     bar = tqdm(total=cfg.max_iter, initial=sol.iter, disable=not progress, unit="it", dynamic_ncols=True,
@@ -168,24 +294,29 @@ def _train_loop(sol, cfg, feeder, train_net, test_net, test_arrays, n_test, prog
     total = None
     while sol.iter < cfg.max_iter:
         total = sol.step(feeder.batch(sol.iter))
-        it = sol.iter
+        it = status["iter"] = sol.iter
         if cfg.display and (it % cfg.display == 0 or it == cfg.max_iter):
             # Reading the values is the one host synchronisation of a display interval.
             shown = {f"{t.top}(x{t.weight:g})" if t.weight != 1 else t.top: float(t.value)
                      for t in train_net.loss_terms}
             shown["total"] = float(total)
             bar.set_postfix(postfix(shown), refresh=False)
+            if not progress:
+                out(line(it, shown))
         if cfg.test_interval and test_arrays and it % cfg.test_interval == 0 and it < cfg.max_iter:
-            tested = evaluate(test_net, test_arrays)
-            shown.update({f"test_{k}": v for k, v in tested.items()})
+            tested = {f"test_{k}": v for k, v in evaluate(test_net, test_arrays).items()}
+            shown.update(tested)
             bar.set_postfix(postfix(shown), refresh=False)
+            if not progress:
+                out(line(it, tested))
         if cfg.snapshot and cfg.snapshot_prefix and it % cfg.snapshot == 0:
-            sol.snapshot()
+            status["snapshot"] = sol.snapshot()
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - start
     if cfg.snapshot_after_train and cfg.snapshot_prefix:
-        out(f"snapshot: {sol.snapshot()}")
+        status["snapshot"] = sol.snapshot()
+        out(f"snapshot: {status['snapshot']}")
     result = {"iterations": sol.iter, "seconds": seconds, "test": {}}
     if test_arrays:
         result["test"] = tested = evaluate(test_net, test_arrays)
@@ -208,10 +339,11 @@ def _accuracy_tops(net) -> set:
 def evaluate(net, arrays: dict) -> dict:
     """Mean of every scalar output blob (tops no layer reads: losses, accuracies) over the whole set,
     in batches of the net's declared batch size, weighted by batch length."""
+    from .layer import GraphError
     names = net.input_names
     missing = [n for n in names if n not in arrays]
     if missing:
-        raise ValueError(f"test data lacks {missing}; the net's inputs are {names}")
+        raise GraphError(f"test data lacks {missing}; the net's inputs are {names}")
     n = len(arrays[names[0]])
     batch = max(1, net.input_shape(names[0])[0])
     read = {b for l in net.layers for b in l.bottom}
@@ -234,22 +366,32 @@ def _time_cmd(args) -> int:
         time_net(args.net, iterations=args.iterations, phase=args.phase, batch=args.batch, backend=args.backend,
                  threads=args.threads)
     except _user_errors() as exc:
-        print(f"gpuloss time: {exc}", file=sys.stderr)
+        print(_one_line("time", exc), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("gpuloss time: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
-def time_net(path, *, iterations=50, phase="TRAIN", batch=None, backend="auto", threads=None,
+def time_net(path=None, *, iterations=50, phase="TRAIN", batch=None, backend="auto", threads=None,
              out=print) -> list[dict]:
-    """Print and return per-layer median forward/backward times (ms), as ``caffe time`` does."""
+    """Print and return per-layer median forward/backward times (ms), as ``caffe time`` does.
+    ``path`` is a net prototxt file (default: the packaged net ``gpuloss train`` trains)."""
+    from .layer import GraphError
     from .net import Net
+    if iterations < 1:
+        raise GraphError(f"iterations must be >= 1, got {iterations}")
+    if batch is not None and batch < 1:
+        raise GraphError(f"batch must be >= 1, got {batch}")
+    path = Path(DEFAULT_NET if path is None else path)   # a path, never prototxt text
     net = Net.from_prototxt(path, phase=phase, backend=backend)
     inputs = net.example_inputs(batch=batch)
     with _cpu_threads(net, len(next(iter(inputs.values()), [])), threads):
         rows = net.time(iterations=iterations, inputs=inputs)
     width = max([len(r["layer"]) for r in rows] + [5])
     twidth = max([len(r["type"]) for r in rows] + [4])
-    out(f"{net.name or Path(os.fspath(path)).name}: {len(rows)} layers, {iterations} iterations, "
+    out(f"{net.name or path.name}: {len(rows)} layers, {iterations} iterations, "
         f"backend {net.backend}, medians")
     out(f"{'layer':<{width}}  {'type':<{twidth}}  {'forward ms':>11}  {'backward ms':>11}")
     for r in rows:

@@ -8,6 +8,7 @@ run sees from k on.
 from __future__ import annotations
 
 import os
+import zipfile
 
 import numpy as np
 
@@ -30,9 +31,24 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[dict, 
 
 
 def load_npz(path: str | os.PathLike) -> dict:
-    """Every array of an ``.npz`` file by key (keys are the net's input blob names)."""
-    with np.load(os.fspath(path), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """Every array of an ``.npz`` file by key (keys are the net's input blob names).
+
+    Anything else (a missing file, a ``.npy``, text, a damaged archive, object
+    arrays, which would need pickle) is a :class:`GraphError` naming the file.
+    """
+    from .layer import GraphError
+    path = os.fspath(path)
+    try:
+        if not zipfile.is_zipfile(path):
+            raise GraphError(f"{path}: not an .npz archive (numpy.savez writes one)")
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except GraphError:
+        raise
+    except OSError as exc:
+        raise GraphError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except Exception as exc:   # zipfile, zlib or numpy's format reader on a damaged or pickled archive
+        raise GraphError(f"{path}: cannot be read as an .npz archive ({type(exc).__name__}: {exc})") from None
 
 
 class BatchFeeder:

@@ -16,6 +16,7 @@ every layer's backward still sees the values its forward saw.
 """
 from __future__ import annotations
 
+import re
 import statistics
 import time as _time
 from collections import Counter
@@ -312,7 +313,9 @@ class Net:
         except GraphError:
             raise
         except ValueError as exc:   # e.g. a label out of range, found by the functional API
-            raise layer.error(str(exc)) from exc
+            # The functional API's hint names its own argument; in a net it is Net(validate=...).
+            text = re.sub(r"pass validate=False", "build the Net with validate=False", str(exc))
+            raise layer.error(text) from exc
         finally:
             if self._nvtx is not None:
                 self._nvtx.RangePop()
