@@ -104,7 +104,9 @@ def softmax_cross_entropy(logits, target, *, axis=-1, weight=None, class_weight=
             # PaLM z-loss, weighted like the CE term (cw[y] inside, as l above): z_loss * cw[y] * lse^2
             z = np.where(valid, z_loss * cw[ys] * np.square(lse), 0.0)
             # d l / d x_j = (1-eps) cw[y] (p_j - [j=y]) + eps/C (sum(cw) p_j - cw_j) + 2 z_loss cw[y] lse p_j
-            dl = ((1 - eps) * cw[ys][..., None] * (p - onehot) + (eps / C) * (np.sum(cw) * p - cw)
+            # p - onehot, with p_y - 1 written as -sum_{c != y} p_c: no cancellation for a confident row.
+            p_minus_onehot = np.where(onehot == 1, -np.sum(np.where(onehot == 1, 0.0, p), axis=-1, keepdims=True), p)
+            dl = ((1 - eps) * cw[ys][..., None] * p_minus_onehot + (eps / C) * (np.sum(cw) * p - cw)
                   + 2 * z_loss * (cw[ys] * lse)[..., None] * p)
             dl = np.where(valid[..., None], dl, 0.0)
         else:

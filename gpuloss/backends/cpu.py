@@ -219,7 +219,8 @@ def _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, z_loss, grad_sca
     log_s = math.log(s)
     lse = m + log_s
     x_y = x[n, yn]
-    nll = math.log1p(rest) if x_y == m else (m - x_y) + log_s
+    # s is NaN for an all -inf row (-inf - -inf): that row must not take the log1p branch (log(1) = 0).
+    nll = math.log1p(rest) if x_y == m and s == s else (m - x_y) + log_s
     cw_y = class_weight[yn]
     loss = (1.0 - eps) * cw_y * nll
     if eps != 0.0:
