@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+_DelayedError = torch._C._functions.DelayedError
 
 import gpuloss as _gl
 
@@ -59,12 +59,22 @@ def _nan_where(empty: Tensor, t: Tensor) -> Tensor:
     return torch.where(empty, torch.full_like(t, float("nan")), t)
 
 
-def _scale_grad(grad: Tensor, g: Tensor, per_element: bool, class_axis: bool) -> Tensor:
-    """grad * grad_output; grad_output broadcast over the class axis 1 for per-row losses."""
-    g = g.to(grad.dtype)
-    if per_element and class_axis:
-        g = g.unsqueeze(1)
-    return grad * g
+def _scale_grad(grad: Tensor, g: Tensor, per_element: bool, class_axis: bool, inplace: bool = False) -> Tensor:
+    """grad * grad_output; grad_output broadcast over the class axis 1 for per-row losses.
+
+    The kept gradient is a constant to autograd, so a second derivative through it would
+    silently miss its dependence on the input: under create_graph the result carries an
+    error node instead (what @once_differentiable does, but also when grad_output needs no grad).
+    """
+    with torch.no_grad():
+        g = g.to(grad.dtype)
+        if per_element and class_axis:
+            g = g.unsqueeze(1)
+        out = grad.mul_(g) if inplace else grad * g
+    if torch.is_grad_enabled():  # create_graph=True
+        out = _DelayedError("gpuloss.torch losses are differentiable once: their gradient is computed in the "
+                            "forward pass and has no derivative of its own (no double backward)", 1)(out.detach().requires_grad_())
+    return out
 
 
 # --------------------------------------------------------------------------- cross entropy
@@ -151,7 +161,6 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
 
 
-@once_differentiable  # the kept gradient is a constant to autograd: a second derivative must raise, not be 0
 def _ce_backward(ctx, g_loss, g_z, g_grad):
     (grad,) = ctx.saved_tensors
     return (_scale_grad(grad, g_loss, ctx.per_element, ctx.class_axis),) + (None,) * 8
@@ -195,13 +204,9 @@ class CrossEntropyInplace(torch.autograd.Function):
         return loss, z
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_loss, g_z):
         (grad,) = ctx.saved_tensors
-        g = g_loss.to(grad.dtype)
-        if ctx.per_element and ctx.class_axis:
-            g = g.unsqueeze(1)
-        return (grad.mul_(g),) + (None,) * 7
+        return (_scale_grad(grad, g_loss, ctx.per_element, ctx.class_axis, inplace=True),) + (None,) * 7
 
 
 # --------------------------------------------------------------------------- element-wise losses
@@ -281,7 +286,6 @@ def _elementwise_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-@once_differentiable
 def _elementwise_backward(ctx, g_loss, g_grad):
     (grad,) = ctx.saved_tensors
     return (_scale_grad(grad, g_loss, ctx.per_element, False),) + (None,) * 6
