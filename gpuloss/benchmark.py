@@ -5,8 +5,10 @@ GB/s of the bytes a fused kernel must move, the ratio against PyTorch measured
 in the same run with the same thread count, and the *floor*: the time to read
 the input twice and write the gradient once with a parallel streaming kernel
 (what a perfect fused cross entropy costs in memory traffic).  Results go to
-``bench/results/<date>-<machine>.json`` and ``.md`` (and a PNG plot when
-matplotlib is installed).
+``--save DIR`` (default: ``$XDG_CACHE_HOME/gpuloss/bench``, outside any
+checkout, so a quick run never overwrites committed results) as
+``<timestamp>-<quick|full>-<backend>-<machine>.json`` and ``.md``, plus a PNG
+plot when matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -61,6 +64,8 @@ class Report:
     # huber calls: with an empty Numba cache (compiles) and then with the cache warm.
     first_call_cold_s: float | None = None
     first_call_warm_s: float | None = None
+    mode: str = "full"          # "quick" or "full": quick results are not comparable with full ones
+    timestamp: str = ""         # when the run started, local time, YYYYMMDD-HHMMSS
 
 
 _FIRST_CALL_SNIPPET = """
@@ -236,7 +241,10 @@ def machine_name() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def run_suite(quick: bool = False, backend: str = "cpu", repeats: int | None = None, progress=True) -> Report:
+def run_suite(quick: bool = False, backend: str = "cpu", repeats: int | None = None, progress=True,
+              command: str | None = None) -> Report:
+    """Run every case. ``command`` is recorded as what was run (default: the equivalent
+    ``gpuloss bench`` command line)."""
     import numba
 
     import gpuloss
@@ -245,12 +253,17 @@ def run_suite(quick: bool = False, backend: str = "cpu", repeats: int | None = N
     threads = numba.get_num_threads()
     if torch is not None:
         torch.set_num_threads(threads)  # same thread count on both sides
+    if repeats is not None and (isinstance(repeats, bool) or int(repeats) != repeats or repeats < 1):
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     repeats = repeats or (3 if quick else 7)
+    if command is None:
+        command = "gpuloss bench" + (" --quick" if quick else "") + (f" --backend {backend}")
+    now = _dt.datetime.now()
     versions = {"gpuloss": gpuloss.__version__, "numpy": np.__version__, "numba": numba.__version__,
                 "torch": getattr(torch, "__version__", None), "python": platform.python_version()}
-    report = Report(machine=machine_name(), date=_dt.date.today().isoformat(),
-                    command="gpuloss bench" + (" --quick" if quick else "") + " " + " ".join(sys.argv[2:]),
-                    backend=backend, threads=threads, copy_gbps=copy_bandwidth_gbps(), versions=versions)
+    report = Report(machine=machine_name(), date=now.date().isoformat(), command=command,
+                    backend=backend, threads=threads, copy_gbps=copy_bandwidth_gbps(), versions=versions,
+                    mode="quick" if quick else "full", timestamp=now.strftime("%Y%m%d-%H%M%S"))
     if backend == "cpu":
         report.first_call_cold_s, report.first_call_warm_s = first_call_seconds()
     shapes = QUICK_XENT_SHAPES if quick else XENT_SHAPES
@@ -272,7 +285,7 @@ def _fmt(v, spec=".1f", none="—"):
 
 
 def markdown(report: Report) -> str:
-    lines = [f"Machine: {report.machine}; {report.threads} threads (torch set to the same); backend "
+    lines = [f"{report.mode.capitalize()} run. Machine: {report.machine}; {report.threads} threads (torch set to the same); backend "
              f"`{report.backend}`; date {report.date}; command `{report.command.strip()}`; parallel copy "
              f"bandwidth {report.copy_gbps:.1f} GB/s (read+write)." + (
                  "" if report.first_call_cold_s is None else
@@ -289,17 +302,40 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(report: Report, out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def default_results_dir() -> Path:
+    """Where results go without ``--save``: the user's cache, never the current folder (a checkout)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gpuloss" / "bench"
+
+
+def result_stem(report: Report) -> str:
+    """``<timestamp>-<quick|full>-<backend>-<machine>``: runs never overwrite each other, and a quick
+    run is never taken for a full one."""
     slug = "".join(ch if ch.isalnum() else "-" for ch in report.machine.lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
-    stem = out_dir / f"{report.date}-{report.backend}-{slug}"
+    stamp = report.timestamp or report.date
+    return f"{stamp}-{report.mode}-{report.backend}-{slug}"
+
+
+def write_results(report: Report, out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / result_stem(report)
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
     paths[1].write_text(markdown(report))
     png = _plot(report, stem.with_suffix(".png"))
     return paths + ([png] if png else [])
+
+
+def plot_unavailable_reason() -> str | None:
+    """Why no PNG can be drawn here (None: matplotlib imports)."""
+    try:
+        import matplotlib  # noqa: F401
+    except Exception as exc:
+        return f"matplotlib is not installed ({type(exc).__name__}), so no plot was written"
+    return None
 
 
 def _plot(report: Report, path: Path) -> Path | None:
@@ -334,19 +370,57 @@ def _plot(report: Report, path: Path) -> Path | None:
 
 
 def main(args) -> int:
-    report = run_suite(quick=args.quick, backend=args.backend, repeats=args.repeats)
+    command = "gpuloss " + shlex.join(getattr(args, "argv", None) or ["bench"])
+    out_dir = None if args.no_save else Path(args.save or default_results_dir())
+    if out_dir is not None:
+        # Before the minutes of measuring: a folder that cannot be written fails now, in one line.
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"gpuloss bench: --save {os.fspath(out_dir)!r}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    try:
+        report = run_suite(quick=args.quick, backend=args.backend, repeats=args.repeats, command=command)
+    except KeyboardInterrupt:
+        print("gpuloss bench: interrupted; nothing written", file=sys.stderr)
+        return 130
     print(markdown(report))
-    if not args.no_save:
-        for p in write_results(report, Path(args.out)):
+    if out_dir is not None:
+        paths = write_results(report, out_dir)
+        for p in paths:
             print(f"wrote {p}")
+        if not any(p.suffix == ".png" for p in paths):
+            print(plot_unavailable_reason() or "no cross-entropy rows to plot, so no plot was written")
     return 0
 
 
+def _bench_backend(value: str) -> str:
+    from gpuloss.cli import backend_arg
+    import argparse
+    if value.strip().lower() not in ("cpu", "emulated"):
+        raise argparse.ArgumentTypeError(f"bench times 'cpu' or 'emulated', got {value!r}")
+    return backend_arg(value)
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="time the kernels (GB/s, against PyTorch where installed)")
-    p.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
-    p.add_argument("--backend", default="cpu", choices=["cpu", "emulated"], help="backend to time")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (median reported)")
-    p.add_argument("--out", default="bench/results", help="folder for the JSON / Markdown / PNG results")
-    p.add_argument("--no-save", action="store_true", help="print only")
+    import argparse
+
+    from gpuloss.cli import positive_int
+    p = subparsers.add_parser(
+        "bench", help="time the kernels (GB/s, against PyTorch where installed)",
+        description="Time every loss on a CPU backend: the median of repeated runs, GB/s of the bytes a "
+                    "fused kernel must move, the ratio against PyTorch in the same run with the same "
+                    "threads, and the memory floor (read the input twice, write the gradient once). "
+                    "Results are printed and written as JSON, Markdown and (with matplotlib) a PNG to "
+                    f"--save DIR (default {default_results_dir()}), named by time, quick/full, backend and "
+                    "machine.")
+    p.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats (not comparable "
+                   "with a full run; the file name says quick)")
+    p.add_argument("--backend", default="cpu", type=_bench_backend, help="cpu | emulated (default cpu)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="timed runs per case, the median is reported (default 7, quick 3)")
+    p.add_argument("--save", metavar="DIR", default=None,
+                   help=f"folder for the results (default {default_results_dir()})")
+    p.add_argument("--out", dest="save", help=argparse.SUPPRESS)   # the former name of --save
+    p.add_argument("--no-save", action="store_true", help="print only, write nothing")
     p.set_defaults(func=main)

@@ -28,14 +28,7 @@ _COMMAND_MODULES = (
 )
 
 _DESCRIPTION = "gpuloss: fused CUDA/Numba training losses and a small Caffe-style layer graph."
-_EPILOG = """commands:
-  train    train a net from Caffe prototxt (default: an MLP on scikit-learn's digits)
-  time     per-layer forward/backward times of a net, like `caffe time`
-  bench    time every loss against PyTorch and the memory-bandwidth floor
-  kernels  registers, shared memory and spills of each CUDA kernel (NVRTC, no GPU needed)
-  info     versions, backends and devices
-
-`gpuloss COMMAND --help` describes each command's options."""
+_EPILOG = """`gpuloss COMMAND --help` describes each command's options."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -63,5 +63,9 @@ def run(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("info", help="versions, backends and devices")
+    p = subparsers.add_parser(
+        "info", help="versions, backends and devices",
+        description="Print the versions of gpuloss and its dependencies, which backends can run here "
+                    "(and why one cannot), the CUDA device, NVRTC, Numba's thread count and the backend "
+                    "'auto' picks. Takes no arguments.")
     p.set_defaults(func=run)

@@ -33,14 +33,14 @@ def register(subparsers) -> None:
                    help="net prototxt file (default: the solver's net, else the packaged digits MLP)")
     p.add_argument("--solver", type=existing_file("solver prototxt"),
                    help="solver prototxt file (default: the packaged default_solver.prototxt)")
-    p.add_argument("--data", type=npz_file("--data"),
+    p.add_argument("--data", type=npz_file("file"),
                    help=".npz of training inputs, keyed by input blob name (default: digits)")
-    p.add_argument("--test-data", type=npz_file("--test-data"),
+    p.add_argument("--test-data", type=npz_file("file"),
                    help=".npz of test inputs (default: the digits test split when --data is unset)")
     p.add_argument("--max-iter", type=non_negative_int, help="override the solver's max_iter")
     p.add_argument("--backend", default="auto", type=backend_arg,
                    help="auto | cpu | cuda | emulated (default: auto)")
-    p.add_argument("--resume", type=existing_file("--resume snapshot"), help="snapshot .npz to continue from")
+    p.add_argument("--resume", type=existing_file("snapshot"), help="snapshot .npz to continue from")
     p.add_argument("--snapshot-prefix", help="override the solver's snapshot_prefix")
     p.add_argument("--seed", type=non_negative_int, help="override the solver's random_seed")
     p.add_argument("--threads", type=positive_int, help="CPU threads for the cpu backend's kernels and BLAS "
