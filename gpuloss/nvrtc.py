@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import importlib.util
 import os
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from gpuloss._paths import kernel_sources, kernels_dir
+from gpuloss._paths import device_source, kernel_sources, kernels_dir
 
 __all__ = [
     "NvrtcError",
@@ -298,10 +299,27 @@ def compile(
 
 def compile_file(path: str | os.PathLike, arch: str = "sm_90", options: Sequence[str] = (),
                  include_dirs: Iterable[str | os.PathLike] | None = None) -> CompileResult:
-    """Compile one ``.cu`` file; its own folder is on the include path."""
+    """Compile one ``.cu`` file; its own folder is on the include path.
+
+    The text compiled is :func:`gpuloss._paths.device_source` (the file plus its
+    headers' digest, as CuPy gets it). Results are kept for the life of the
+    process, keyed on that text, the arch, the options and the include path: a
+    file compiled again unchanged is not recompiled (a large kernel file takes
+    tens of seconds), and an edit to it or to any header it includes is.
+    """
     path = Path(path)
     dirs = (path.parent,) if include_dirs is None else tuple(include_dirs)
-    return compile(path.read_text(), path.name, arch, options, dirs)
+    dirs = tuple(str(Path(d)) for d in dirs)
+    return _compile_cached(device_source(path, dirs), path.name, arch, tuple(map(str, options)), dirs,
+                           os.environ.get("GPULOSS_NVRTC"))
+
+
+@functools.lru_cache(maxsize=128)
+def _compile_cached(source: str, name: str, arch: str, options: tuple[str, ...], include_dirs: tuple[str, ...],
+                    _nvrtc_override: str | None) -> CompileResult:
+    # _nvrtc_override only enters the key: another libnvrtc may compile differently.
+    # Failures raise and are not cached, so a fixed file compiles on the next call.
+    return compile(source, name, arch, options, include_dirs)
 
 
 # --------------------------------------------------------------------------------------

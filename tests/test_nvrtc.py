@@ -1,8 +1,12 @@
 """NVRTC binding, kernel resource table, and common.cuh's host-side numerics.
 
-Three groups:
+Four groups:
 * every kernels/*.cu compiles with NVRTC for sm_70 / sm_80 / sm_90, the
   ptxas report parses, and sm_90 has no spills (DESIGN §2: zero spills);
+  each (file, arch) is compiled once per run (nvrtc.compile_file keeps its
+  results), and every test here that needs one shares it;
+* the source text NVRTC and CuPy are handed carries a digest of every
+  included header, so a header-only edit is a new source to CuPy's cache;
 * ``gpuloss kernels`` prints every entry point and fails on a compile error;
 * common.cuh compiled for the HOST with g++ (its bit paths are what the
   emulator and the GPU's cvt instructions must agree with): float16 and
@@ -11,10 +15,11 @@ Three groups:
 """
 from __future__ import annotations
 
-import functools
 import math
 import shutil
 import subprocess
+import sys
+import types
 from fractions import Fraction
 from pathlib import Path
 
@@ -22,7 +27,7 @@ import numpy as np
 import pytest
 
 from gpuloss import kernel_table, nvrtc
-from gpuloss._paths import kernel_sources, kernels_dir
+from gpuloss._paths import device_source, headers_digest, included_files, kernel_sources, kernels_dir
 
 ARCHS = ("sm_70", "sm_80", "sm_90")
 SOURCES = kernel_sources()
@@ -40,13 +45,13 @@ needs_nvrtc = pytest.mark.skipif(not _nvrtc_available(),
                                  reason="NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)")
 
 
-_compile_file = nvrtc.compile_file  # the real one; the CLI test patches the module attribute
+VERBOSE = ("-Xptxas=-v",)  # what kernel_table and file_resources compile with: the same cache entry
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(path: Path, arch: str, options: tuple[str, ...] = ("-Xptxas=-v",)) -> nvrtc.CompileResult:
-    """Each (file, arch) is compiled once per session: the CLI test reuses these."""
-    return _compile_file(path, arch, options)
+def _compiled(path: Path, arch: str) -> nvrtc.CompileResult:
+    """A kernel file as `gpuloss kernels` compiles it; compile_file keeps each result, so
+    this compiles a (file, arch) once per run, shared by every test and the CLI's table."""
+    return nvrtc.compile_file(path, arch, VERBOSE)
 
 
 def _skip_unsupported(arch: str) -> None:
@@ -177,6 +182,128 @@ def test_missing_verbose_report_is_loud():
         nvrtc.resources_from_result(res)
 
 
+@needs_nvrtc
+def test_compile_file_compiles_once_and_again_after_a_header_edit(tmp_path, monkeypatch):
+    header = tmp_path / "value.cuh"
+    header.write_text("#define VALUE 1.f\n")
+    src = tmp_path / "k.cu"
+    src.write_text('#include "value.cuh"\nextern "C" __global__ void k_f32(float* x) { x[0] = VALUE; }\n')
+    calls = []
+    real = nvrtc.compile
+    monkeypatch.setattr(nvrtc, "compile", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    first = nvrtc.compile_file(src, "sm_80")
+    assert nvrtc.compile_file(src, "sm_80") is first and calls == ["sm_80"]
+    nvrtc.compile_file(src, "sm_90")
+    nvrtc.compile_file(src, "sm_80", VERBOSE)
+    assert calls == ["sm_80", "sm_90", "sm_80"]  # another arch or options: another compile
+    header.write_text("#define VALUE 2.f\n")    # the .cu file itself is unchanged
+    edited = nvrtc.compile_file(src, "sm_80")
+    assert calls == ["sm_80", "sm_90", "sm_80", "sm_80"]
+    assert "1065353216" in first.ptx and "1073741824" in edited.ptx  # the bits of 1.0f, then of 2.0f
+
+
+@needs_nvrtc
+def test_a_failed_compile_is_not_kept(tmp_path):
+    src = tmp_path / "k.cu"
+    src.write_text('extern "C" __global__ void k_f32(float* x) { x[0] = nope; }\n')
+    with pytest.raises(nvrtc.NvrtcError):
+        nvrtc.compile_file(src, "sm_90")
+    src.write_text('extern "C" __global__ void k_f32(float* x) { x[0] = 1.f; }\n')
+    assert nvrtc.compile_file(src, "sm_90").entry_points == ("k_f32",)
+
+
+# --------------------------------------------------------------------------------------
+# The source text every compiler gets: CuPy's cache keys on it, so it must change
+# when any header it includes does.
+
+
+def _kernels_copy(tmp_path: Path) -> Path:
+    dest = tmp_path / "kernels"
+    shutil.copytree(kernels_dir(), dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def test_included_files_are_found_through_nested_includes(tmp_path):
+    inc = tmp_path / "inc"
+    (inc / "sub").mkdir(parents=True)
+    (tmp_path / "a.cuh").write_text('#include "sub/b.cuh"\n  #  include <c.cuh>\n#include <cstdint>\n')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.cuh").write_text('#include "d.cuh"\n#include "a.cuh"\n')  # d beside b; a cycle
+    (tmp_path / "sub" / "d.cuh").write_text("")
+    (inc / "c.cuh").write_text('#include "sub/e.cuh"\n')                        # e beside c, in inc/
+    (inc / "sub" / "e.cuh").write_text("")
+    (inc / "unused.cuh").write_text("")
+    src = tmp_path / "k.cu"
+    src.write_text('// #include "a.cuh" in a comment counts too: only ever a spare rebuild\n#include "a.cuh"\n')
+    got = {p.relative_to(tmp_path).as_posix() for p in included_files(src, [inc])}
+    assert got == {"a.cuh", "sub/b.cuh", "sub/d.cuh", "inc/c.cuh", "inc/sub/e.cuh"}
+
+
+def test_every_kernel_file_covers_its_headers():
+    for path in SOURCES:
+        names = {p.name for p in included_files(path, [kernels_dir()])}
+        assert "common.cuh" in names, f"{path.name}: common.cuh not found among its includes {names}"
+
+
+def test_a_header_only_edit_changes_the_source_text(tmp_path):
+    kdir = _kernels_copy(tmp_path)
+    (kdir / "unrelated.cuh").write_text("// included by nobody\n")
+    for src in sorted(kdir.glob("*.cu")):
+        before = device_source(src, (kdir,))
+        assert before.startswith(src.read_text()), "the digest goes last: line numbers must not move"
+        headers = included_files(src, [kdir])
+        assert headers, f"{src.name} includes no header"
+        for header in headers:
+            original = header.read_text()
+            header.write_text(original + "\n// a comment-only edit\n")
+            assert device_source(src, (kdir,)) != before, f"{src.name}: editing {header.name} kept its source text"
+            header.write_text(original)
+        assert device_source(src, (kdir,)) == before  # deterministic: restored headers, same text
+    unrelated = kdir / "unrelated.cuh"
+    texts = {src: device_source(src, (kdir,)) for src in kdir.glob("*.cu")}
+    unrelated.write_text("// edited, still included by nobody\n")
+    assert texts == {src: device_source(src, (kdir,)) for src in kdir.glob("*.cu")}
+    assert headers_digest(kdir / "selftest.cu", (kdir,)) in texts[kdir / "selftest.cu"]
+
+
+_FAKE_CUPY = """
+import json, os
+class RawModule:
+    def __init__(self, code, options=()):
+        with open(os.environ["FAKE_CUPY_LOG"], "a") as f:
+            f.write(json.dumps({"code": code, "options": list(options)}) + "\\n")
+"""
+
+
+def _cupy_modules(tmp_path: Path, kdir: Path) -> list[dict]:
+    """What CudaModules hands cupy.RawModule, with a stand-in cupy that records it (no GPU here)."""
+    fake = tmp_path / "fake"
+    (fake / "cupy").mkdir(parents=True, exist_ok=True)
+    (fake / "cupy" / "__init__.py").write_text(_FAKE_CUPY)
+    log = tmp_path / "rawmodules.jsonl"
+    log.unlink(missing_ok=True)
+    root = Path(__file__).resolve().parent.parent
+    env = {**__import__("os").environ, "PYTHONPATH": f"{fake}:{root}", "GPULOSS_KERNELS_DIR": str(kdir),
+           "FAKE_CUPY_LOG": str(log)}
+    code = "from gpuloss.backends import cuda; cuda.CudaModules()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [__import__("json").loads(line) for line in log.read_text().splitlines()]
+
+
+def test_cuda_backend_hands_cupy_the_device_source(tmp_path):
+    kdir = _kernels_copy(tmp_path)
+    sources = sorted(kdir.glob("*.cu"))
+    made = _cupy_modules(tmp_path, kdir)
+    assert [m["code"] for m in made] == [device_source(s, (kdir,)) for s in sources]
+    assert all(m["options"] == ["--std=c++17", f"-I{kdir}"] for m in made)
+    common = kdir / "common.cuh"
+    common.write_text(common.read_text() + "\n// a header-only edit\n")
+    again = _cupy_modules(tmp_path, kdir)
+    changed = [s.name for s, a, b in zip(sources, made, again) if a["code"] != b["code"]]
+    assert changed == [s.name for s in sources], "every file includes common.cuh: each must be a new module"
+
+
 # --------------------------------------------------------------------------------------
 # The CLI
 
@@ -187,11 +314,10 @@ def test_arch_argument_forms():
 
 
 @needs_nvrtc
-def test_cli_kernels_prints_every_entry(monkeypatch, capsys):
+def test_cli_kernels_prints_every_entry(capsys):
     from gpuloss import cli
 
-    monkeypatch.setattr(nvrtc, "compile_file", lambda p, a, o=(): _compiled(Path(p), a, tuple(o)))
-    assert cli.main(["kernels", "--arch", "sm_90"]) == 0
+    assert cli.main(["kernels", "--arch", "sm_90"]) == 0  # compile_file's cache: no new NVRTC run
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[1].split()[:3] == ["kernel", "arch", "regs"]

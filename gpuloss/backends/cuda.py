@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import cupy
 
-from .._paths import kernel_sources, kernels_dir
+from .._paths import device_source, kernel_sources, kernels_dir
 from .launch import LaunchBackend
 
 
@@ -18,11 +18,17 @@ class CudaModules:
 
     Options: C++17 and ``-I kernels/``, nothing else: the sources need no toolkit
     headers (DESIGN §2), so the same text builds under NVRTC 12 and 13.
+
+    The code is :func:`gpuloss._paths.device_source`, which carries a digest of
+    every included header: CuPy's compile cache keys on the code and options
+    only, so without it an edit to a ``.cuh`` alone would load a stale kernel.
     """
 
     def __init__(self):
-        include = f"-I{kernels_dir()}"
-        self._modules = [(path.name, cupy.RawModule(code=path.read_text(), options=("--std=c++17", include)))
+        folder = kernels_dir()
+        include = f"-I{folder}"
+        self._modules = [(path.name, cupy.RawModule(code=device_source(path, (folder,)),
+                                                    options=("--std=c++17", include)))
                          for path in kernel_sources()]
         self._where: dict[str, object] = {}
 
