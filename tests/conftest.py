@@ -33,12 +33,21 @@ def _available_backends() -> list:
 BACKENDS = _available_backends()
 
 
+# One seed per run, printed in the header: GPULOSS_TEST_SEED=<seed> replays every test's data.
+SESSION_SEED = int(os.environ.get("GPULOSS_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+
+
+def pytest_report_header(config):
+    return f"GPULOSS_TEST_SEED={SESSION_SEED} (set it to replay this run's random data)"
+
+
 @pytest.fixture
 def rng(request):
-    """Fresh random data on every run; the seed is printed so a failure can be replayed."""
-    seed = int(os.environ.get("GPULOSS_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
-    print(f"GPULOSS_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
+    """Fresh random data on every run, derived from the session seed and the test's id, so a failing
+    test gets the same data back under the same GPULOSS_TEST_SEED whatever else runs."""
+    key = [ord(ch) for ch in request.node.nodeid]
+    print(f"GPULOSS_TEST_SEED={SESSION_SEED}")
+    return np.random.default_rng([SESSION_SEED, *key])
 
 
 def to_backend(backend: str, a):
