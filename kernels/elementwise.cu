@@ -20,7 +20,7 @@
 // by reduce.cu, so no host round trip sits between the passes.
 //
 // Launch shape: elementwise_fwd_bwd: 1-D grid, blockDim.x a multiple of 32,
-// each thread a grid-strided set of elements; one float64 partial of sum(L)
+// each thread a grid-strided set of elements, summed in float64; one float64 partial of sum(L)
 // per block (reduce_finish adds them). cosine_fwd_bwd: `group` lanes per
 // measurement n = o*inner + i, reading p[o, :, i] at stride `inner`: with the
 // axis last (inner == 1) a group of up to 32 lanes reads a row together and
@@ -45,13 +45,16 @@ namespace {
 
 using gl::index_t;
 
+// Returns this thread's float64 partial of sum(L): each weighted loss is formed
+// in the accumulation type, but the running sum is float64, so a long
+// grid-strided slice loses no digits to float32 rounding.
 template <int KIND, class T, class P>
-__device__ gl::acc_t<T> elementwise_loop(const T* x, const P* t, index_t n, gl::acc_t<T> param,
+__device__ double elementwise_loop(const T* x, const P* t, index_t n, gl::acc_t<T> param,
                                          const gl::acc_t<T>* w_values, index_t w_count, index_t w_block,
                                          const gl::acc_t<T>* pos_weight, index_t pw_period, gl::acc_t<T> inv,
                                          gl::acc_t<T>* loss_out, int want_loss, T* grad, int want_grad) {
   typedef gl::acc_t<T> A;
-  A acc = A(0);
+  double acc = 0.0;
   for (index_t i = gl::global_thread_id(); i < n; i += gl::grid_stride()) {
     const A xi = gl::load_as_acc(x, i);
     const A ti = KIND == gll::kIdentity ? xi : (A)gl::load_as_acc(t, i);
@@ -60,7 +63,7 @@ __device__ gl::acc_t<T> elementwise_loop(const T* x, const P* t, index_t n, gl::
     A l, dl;
     gll::elementwise_loss<KIND>(xi, ti, param, p, l, dl);
     const A wl = w * l;
-    acc += wl;
+    acc += (double)wl;
     if (want_loss) loss_out[i] = wl;
     if (want_grad) gl::store_from_acc(grad, i, (inv * w) * dl);
   }
@@ -74,9 +77,9 @@ __device__ void elementwise_fwd_bwd(const T* x, const P* t, index_t n, int kind,
                                     gl::acc_t<T>* loss_out, int want_loss, T* grad, int want_grad,
                                     double* partials, int want_partials) {
   typedef gl::acc_t<T> A;
-  __shared__ A scratch[gl::kMaxWarps];
+  __shared__ double scratch[gl::kMaxWarps];
   const A inv = (A)scal[1];
-  A acc = A(0);
+  double acc = 0.0;
   // One loop per loss: the switch runs once per thread, not once per element.
 #define GPULOSS_EW_CASE(K)                                                                                   \
   case K:                                                                                                    \
@@ -93,12 +96,12 @@ __device__ void elementwise_fwd_bwd(const T* x, const P* t, index_t n, int kind,
     GPULOSS_EW_CASE(gll::kSmoothL1)
     GPULOSS_EW_CASE(gll::kHinge)
     default:
-      acc = gl::quiet_nan<A>();  // an unknown kind is a launcher bug: make it loud
+      acc = gl::quiet_nan<double>();  // an unknown kind is a launcher bug: make it loud
   }
 #undef GPULOSS_EW_CASE
   if (want_partials) {
     acc = gl::block_reduce_sum(acc, scratch);
-    if (threadIdx.x == 0) partials[blockIdx.x] = (double)acc;
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
   }
 }
 
