@@ -449,3 +449,29 @@ def test_sigkill_at_random_moments_never_leaves_a_damaged_snapshot(rng, tmp_path
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"trained {start + 3} iterations" in done.stdout
+
+
+def test_sigterm_removes_the_snapshot_being_written_and_reports_one_line(rng, tmp_path):
+    x = rng.standard_normal((64, 1024)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x, y=rng.integers(0, 64, 64))
+    (tmp_path / "net.prototxt").write_text(_KILL_NET)
+    snaps = tmp_path / "snaps"
+    (tmp_path / "solver.prototxt").write_text(
+        f'base_lr: 0.01 max_iter: 100000000 snapshot: 1 snapshot_prefix: "{snaps / "k"}"')
+    proc = subprocess.Popen([sys.executable, "-m", "gpuloss.cli", "train", str(tmp_path / "net.prototxt"),
+                             "--solver", str(tmp_path / "solver.prototxt"), "--data", str(tmp_path / "data.npz"),
+                             "--backend", "cpu", "--no-progress"], cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and _newest(snaps) is None:
+        time.sleep(0.005)
+    time.sleep(float(rng.uniform(0, 0.2)))
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("gpuloss train: terminated at iteration "), err
+    assert not [p.name for p in snaps.iterdir() if not p.name.endswith(".npz")]   # no temporary file left
+    from gpuloss.graph.solver import read_snapshot
+    for snap in snaps.glob("*.npz"):
+        read_snapshot(str(snap))
