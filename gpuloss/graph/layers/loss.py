@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 
-from ..layer import Layer, class_labels, finite_number, normalize_axis, register_layer
+from ..layer import GraphError, Layer, class_labels, finite_number, normalize_axis, register_layer
 from .activation import softmax
 
 __all__ = ["SoftmaxWithLoss", "SigmoidCrossEntropyLoss", "EuclideanLoss", "SmoothL1Loss",
@@ -78,6 +78,10 @@ class _Loss(Layer):
 
     @classmethod
     def kwargs_from_proto(cls, lp) -> dict:
+        extras = [f for f in ("z_loss", "softcap") if lp.loss_param.HasField(f)]
+        if extras and not issubclass(cls, SoftmaxWithLoss):
+            raise GraphError(f"layer {lp.name!r} ({cls.type}): loss_param {' and '.join(extras)} apply to "
+                             f"SoftmaxWithLoss only")
         kw = {"normalization": _normalization_from_proto(lp, cls.default_normalization)}
         if lp.loss_param.HasField("ignore_label"):
             kw["ignore_label"] = lp.loss_param.ignore_label
@@ -116,13 +120,25 @@ class SoftmaxWithLoss(_Loss):
     num_tops = (1, 2)
     proto_params = ("loss_param", "softmax_param")
 
-    def __init__(self, name, bottom=None, top=None, *, axis: int = 1, **kw):
+    def __init__(self, name, bottom=None, top=None, *, axis: int = 1, z_loss: float = 0.0,
+                 softcap: float | None = None, **kw):
         super().__init__(name, bottom, top, **kw)
         self.axis = int(axis)
+        # gpuloss's loss_param extension (docs/graph.md): PaLM's z-loss and Gemma 2's soft-capping,
+        # exactly as gpuloss.softmax_cross_entropy's z_loss= and softcap=.
+        self.z_loss = finite_number(z_loss, f"layer {name!r}: z_loss")
+        if self.z_loss < 0:
+            raise self.error(f"z_loss must be >= 0, got {self.z_loss}")
+        self.softcap = None if softcap is None else finite_number(softcap, f"layer {name!r}: softcap")
+        if self.softcap is not None and self.softcap <= 0:
+            raise self.error(f"softcap must be > 0, got {self.softcap}")
 
     @classmethod
     def kwargs_from_proto(cls, lp) -> dict:
-        return {**super().kwargs_from_proto(lp), "axis": lp.softmax_param.axis}
+        kw = {**super().kwargs_from_proto(lp), "axis": lp.softmax_param.axis, "z_loss": lp.loss_param.z_loss}
+        if lp.loss_param.HasField("softcap"):
+            kw["softcap"] = lp.loss_param.softcap
+        return kw
 
     def differentiable(self, bottom_index):
         return bottom_index == 0
@@ -159,8 +175,8 @@ class SoftmaxWithLoss(_Loss):
                               self.ctx.validate)
         kw = {"ignore_index": self.ignore_label}  # None: nothing ignored, as Caffe without ignore_label
         loss, grad = _losses().softmax_cross_entropy(
-            logits, target, axis=1, reduction=self.reduction, return_grad=True,
-            validate=self.ctx.validate, backend=self.ctx.backend, **kw)
+            logits, target, axis=1, reduction=self.reduction, return_grad=True, z_loss=self.z_loss,
+            softcap=self.softcap, validate=self.ctx.validate, backend=self.ctx.backend, **kw)
         self._grads = [grad.reshape(shape), None]
         top[0].data = loss
         if len(top) > 1:
