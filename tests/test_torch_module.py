@@ -491,21 +491,26 @@ def test_torch_compile_fullgraph_equals_eager(gen):
     model = _MLP(12, 16, 6)
     x, y, t = _randn(gen, 32, 12), torch.randint(0, 6, (32,), generator=gen), _randn(gen, 32, 6)
     y[:3] = -100
+    pw = _rand(gen, 6) + 0.5
+    extras = {"z_loss": 1e-3, "softcap": 8.0, "return_z_loss": True} if HAS_Z_LOSS else {"return_z_loss": True}
 
     def step(m):
         out = m(x)
-        return G.cross_entropy(out, y, label_smoothing=0.1) + 0.5 * G.huber_loss(out, t, delta=0.5)
+        ce, z = G.cross_entropy(out, y, label_smoothing=0.1, **extras)
+        rest = G.huber_loss(out, t, delta=0.5) + G.binary_cross_entropy_with_logits(out, t.sigmoid(), pos_weight=pw)
+        return ce + 0.5 * rest, z
 
     compiled = torch.compile(step, fullgraph=True)
     results = []
     for fn in (step, compiled):
         model.zero_grad()
-        loss = fn(model)
+        loss, z = fn(model)
         loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        results.append((loss.detach(), z, [p.grad.clone() for p in model.parameters()]))
     torch._dynamo.reset()
     _close(results[1][0], results[0][0], 1e-6, "compiled loss")
-    for a, b in zip(results[1][1], results[0][1]):
+    _close(results[1][1], results[0][1], 1e-6, "compiled z term")
+    for a, b in zip(results[1][2], results[0][2]):
         _close(a, b, 1e-5, "compiled grads")
 
 

@@ -19,7 +19,6 @@ No ``from __future__ import annotations``: torch.library reads the real
 annotations to build each op's schema.
 """
 import inspect
-from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -42,10 +41,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@lru_cache(maxsize=None)
+# What gpuloss.softmax_cross_entropy takes (z_loss / softcap arrived after the first release),
+# read once at import so that torch.compile never traces inspect.
+FUNCTIONAL_CE_PARAMS = frozenset(inspect.signature(_gl.softmax_cross_entropy).parameters)
+
+
 def functional_has(param: str) -> bool:
-    """Whether gpuloss.softmax_cross_entropy takes ``param`` (z_loss / softcap land separately)."""
-    return param in inspect.signature(_gl.softmax_cross_entropy).parameters
+    return param in FUNCTIONAL_CE_PARAMS
 
 
 def _unpack(out, with_z: bool, with_grad: bool):
@@ -91,7 +93,7 @@ def _nothing_to_average(input: Tensor, target: Tensor, weight: Optional[Tensor],
     """0-d bool on the device: True where torch's weighted mean divides by 0 (its loss is then NaN)."""
     if target.is_floating_point():  # probability targets: torch divides by the number of rows
         rows = input.numel() // input.shape[1 if input.ndim >= 2 else 0]
-        return torch.tensor(rows == 0, device=input.device)
+        return torch.full((), rows == 0, dtype=torch.bool, device=input.device)  # a fill, not a host copy
     classes = input.shape[1 if input.ndim >= 2 else 0]
     valid = (target != ignore_index) & (target >= 0) & (target < classes)
     if weight is None:
@@ -107,16 +109,16 @@ def cross_entropy_impl(input: Tensor, target: Tensor, weight: Optional[Tensor], 
     axis = 1 if input.ndim >= 2 else 0
     if index_target and input.device.type == "cpu":
         check_class_targets(target, input.shape[axis], ignore_index)
-    kwargs = dict(axis=axis, class_weight=to_array(weight), ignore_index=ignore_index,
-                  label_smoothing=label_smoothing, reduction=reduction, return_grad=want_grad,
-                  validate=False)  # checked above on the CPU; on CUDA a check would synchronise
+    kwargs = dict(axis=axis, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+                  return_grad=want_grad, validate=False)  # checked above on the CPU; on CUDA it would synchronise
     with_z = z_loss != 0.0
     if with_z:
         kwargs.update(z_loss=z_loss, return_z_loss=True)
     if softcap is not None:
         kwargs["softcap"] = softcap
     with on_torch_stream(input):
-        out = _gl.softmax_cross_entropy(to_array(input), to_array(target), **kwargs)
+        # Views made inside: CuPy hands DLPack its current stream, which is now torch's.
+        out = _gl.softmax_cross_entropy(to_array(input), to_array(target), class_weight=to_array(weight), **kwargs)
     loss, z, grad = _unpack(out, with_z, want_grad)
     loss = to_tensor(loss, input.device)
     z = to_tensor(z, input.device) if with_z else torch.zeros_like(loss)
@@ -248,8 +250,6 @@ def elementwise_impl(name: str, input: Tensor, target: Tensor, weight: Optional[
                      pos_weight: Optional[Tensor], param: float, reduction: str, want_grad: bool):
     fn_name, param_name = ELEMENTWISE[name]
     kwargs = {} if param_name is None else {param_name: param}
-    if pos_weight is not None:
-        kwargs["pos_weight"] = to_array(pos_weight)
     loss = grad = None
     if name == "binary_cross_entropy" and input.numel():
         lo, hi = torch.aminmax(input.detach())  # one synchronisation: torch's range check, and its clamps
@@ -260,6 +260,8 @@ def elementwise_impl(name: str, input: Tensor, target: Tensor, weight: Optional[
             loss, grad = _bce_torch_formula(input, target, weight, reduction, want_grad)
     if loss is None:
         with on_torch_stream(input):
+            if pos_weight is not None:
+                kwargs["pos_weight"] = to_array(pos_weight)
             out = getattr(_gl, fn_name)(to_array(input), to_array(target), weight=to_array(weight),
                                         reduction=reduction, return_grad=want_grad, **kwargs)
         loss, _, grad = _unpack(out, False, want_grad)

@@ -9,6 +9,8 @@ it gets torch's result or torch's error: never a different number.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
@@ -33,14 +35,21 @@ def _wants_grad(t) -> bool:
     return t is not None and torch.is_grad_enabled() and t.requires_grad
 
 
+@lru_cache(maxsize=1)
+def _cuda_reason() -> str | None:
+    from gpuloss.backends import cuda_unavailable_reason
+
+    return cuda_unavailable_reason()
+
+
 def _device_ok(input: torch.Tensor) -> str | None:
     if input.device.type == "cpu":
         return None
     if input.device.type != "cuda":
         return f"input is on {input.device.type}; gpuloss runs on the CPU and CUDA devices"
-    from gpuloss.backends import cuda_unavailable_reason
-
-    reason = cuda_unavailable_reason()
+    if torch.compiler.is_compiling():  # checked in eager runs; the op itself needs CuPy either way
+        return None
+    reason = _cuda_reason()
     if reason is not None:  # CUDA tensors but no CuPy: a clear error, not a silent switch to torch's kernel
         raise RuntimeError(f"gpuloss.torch: input is on {input.device} but gpuloss's cuda backend is unavailable "
                            f"({reason}); install gpuloss[cuda] or use torch.nn.functional")
