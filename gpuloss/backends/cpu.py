@@ -517,15 +517,15 @@ class CpuBackend:
 
     def elementwise(self, plan: ElementwisePlan, pred, target, w_values, pos_weight):
         dt = plan.dtypes
-        x = np.ascontiguousarray(pred.reshape(-1)).astype(dt.compute, copy=False)
-        t = np.ascontiguousarray(target.reshape(-1)).astype(dt.compute, copy=False)
+        x = host.astype(pred.reshape(-1), dt.compute)
+        t = host.astype(target.reshape(-1), dt.compute)
         pw = np.ones(1, dt.compute) if pos_weight is None else pos_weight
         return self._run_elementwise(plan.loss, plan.reduce, dt, x, t, w_values, pw, plan.pos_weight_period,
                                      plan.param, plan.return_grad, pred.shape)
 
     def weighted_reduce(self, plan: WeightedReducePlan, values, w_values):
         dt = plan.dtypes
-        x = np.ascontiguousarray(values.reshape(-1)).astype(dt.compute, copy=False)
+        x = host.astype(values.reshape(-1), dt.compute)
         loss, _ = self._run_elementwise("identity", plan.reduce, dt, x, x, w_values, np.ones(1, dt.compute), 0,
                                         0.0, False, values.shape)
         return loss
@@ -545,7 +545,7 @@ class CpuBackend:
             loss = loss_out.reshape(reduce.loss_shape).astype(dt.loss, copy=False)
         else:
             loss = host.reduced(np.sum(partials), denom, dt)
-        return loss, (grad.reshape(shape).astype(dt.input, copy=False) if return_grad else None)
+        return loss, (host.astype(grad.reshape(shape), dt.input) if return_grad else None)
 
     def cosine_distance(self, plan: CosinePlan, pred, target, w_values):
         dt = plan.dtypes
