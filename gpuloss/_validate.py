@@ -212,7 +212,7 @@ def array_module(named_arrays: dict, backend: str | None):
     return get_backend(backend)
 
 
-def weight_layout(name: str, weight, loss_shape: tuple, xp, dtype):
+def weight_layout(name: str, weight, loss_shape: tuple, xp, dtype, hint: str = ""):
     """Express ``weight`` against the loss as ``(values, block)``: element ``i`` of the
     flattened loss has weight ``values[i // block]`` (SPEC §2.3).
 
@@ -246,7 +246,33 @@ def weight_layout(name: str, weight, loss_shape: tuple, xp, dtype):
         return values, 1
     raise ValueError(f"{name} of shape {wshape} does not fit the loss of shape {tuple(loss_shape)}: expected a "
                      f"scalar, a leading prefix of {tuple(loss_shape)}, or a shape of rank {len(loss_shape)} whose "
-                     f"dims are 1 or equal to the loss's")
+                     f"dims are 1 or equal to the loss's{hint}")
+
+
+# Arguments of torch.nn.functional that the functional API spells otherwise (docs/api.md §5).
+TORCH_SPELLINGS = {"dim": "axis=", "size_average": "reduction=", "reduce": "reduction=",
+                   "input": "the first positional argument", "eps": "epsilon= (log_loss) or label_smoothing="}
+
+
+def torch_spelling_hints(fn):
+    """Wrap a public loss so that a PyTorch-only keyword (``dim=``, ``size_average=``, ...) is a
+    TypeError that names our spelling, instead of Python's bare 'unexpected keyword argument'."""
+    import functools
+    import inspect
+
+    accepted = set(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for key in kwargs:
+            if key not in accepted:
+                hint = TORCH_SPELLINGS.get(key)
+                more = (f"; gpuloss spells it {hint} (gpuloss.torch takes PyTorch's own arguments)"
+                        if hint else "")
+                raise TypeError(f"{fn.__name__}() got an unexpected keyword argument {key!r}{more}")
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def first_bad_position(shape: tuple, flat_index: int) -> tuple:

@@ -54,6 +54,7 @@ def _result(loss, grad, return_grad: bool):
     return (loss, grad) if return_grad else loss
 
 
+@v.torch_spelling_hints
 def softmax_cross_entropy(logits, target, *, axis: int = -1, weight=None, class_weight=None,
                           ignore_index: int | None = -100, label_smoothing: float = 0.0, reduction: str = "mean",
                           z_loss: float = 0.0, softcap: float | None = None, return_z_loss: bool = False,
@@ -104,8 +105,11 @@ def softmax_cross_entropy(logits, target, *, axis: int = -1, weight=None, class_
     index_target = target_kind in "iu"
     if index_target:
         if tuple(target.shape) != loss_shape:
+            hint = ""
+            if logits.ndim >= 3 and ax != 1 and tuple(target.shape) == tuple(logits.shape[:1] + logits.shape[2:]):
+                hint = " (PyTorch puts the classes on dim 1: pass axis=1)"
             raise ValueError(f"target (class indices) must have the shape of logits without axis {axis}, "
-                             f"{loss_shape}; got {tuple(target.shape)}")
+                             f"{loss_shape}; got {tuple(target.shape)}{hint}")
     elif v.is_float_dtype(target.dtype):
         v.check_same_shape("target (probabilities)", target, "logits", logits)
     else:
@@ -116,7 +120,10 @@ def softmax_cross_entropy(logits, target, *, axis: int = -1, weight=None, class_
     cap = 0.0 if softcap is None else v.check_real("softcap", softcap, low=0.0, low_open=True)
     red = v.check_reduction(reduction)
     validate = _check_flag("validate", validate)
-    w_values, w_block = v.weight_layout("weight", weight, loss_shape, be.xp, dtypes.compute)
+    per_class = getattr(weight, "shape", None) == (classes,) and class_weight is None
+    w_values, w_block = v.weight_layout(
+        "weight", weight, loss_shape, be.xp, dtypes.compute,
+        hint=" (weight= is per sample here; for PyTorch's per-class weight pass class_weight=)" if per_class else "")
     cw = _aux_array("class_weight", class_weight, be.xp, dtypes.compute, (classes,))
     if index_target and validate:
         v.check_class_targets(target, classes, ignore_index)
@@ -183,6 +190,7 @@ def _pos_weight_layout(pos_weight, shape: tuple, xp, dtype):
     return flat, max(flat.size, 1)
 
 
+@v.torch_spelling_hints
 def sigmoid_cross_entropy(logits, target, *, weight=None, pos_weight=None, label_smoothing: float = 0.0,
                           reduction: str = "mean", return_grad: bool = False, backend: str | None = None):
     """Binary cross entropy on logits (SPEC §2.2), stable for any |x|.
@@ -196,6 +204,7 @@ def sigmoid_cross_entropy(logits, target, *, weight=None, pos_weight=None, label
                         return_grad=return_grad, backend=backend, param=eps, pos_weight=pos_weight)
 
 
+@v.torch_spelling_hints
 def log_loss(probs, target, *, epsilon: float = 1e-7, weight=None, reduction: str = "mean",
              return_grad: bool = False, backend: str | None = None):
     """``-t*log(p+epsilon) - (1-t)*log(1-p+epsilon)`` (TensorFlow's log_loss)."""
@@ -204,6 +213,7 @@ def log_loss(probs, target, *, epsilon: float = 1e-7, weight=None, reduction: st
                         return_grad=return_grad, backend=backend, param=eps)
 
 
+@v.torch_spelling_hints
 def mean_squared_error(pred, target, *, weight=None, reduction: str = "mean", return_grad: bool = False,
                        backend: str | None = None):
     """``(pred - target)**2`` per element."""
@@ -211,6 +221,7 @@ def mean_squared_error(pred, target, *, weight=None, reduction: str = "mean", re
                         return_grad=return_grad, backend=backend)
 
 
+@v.torch_spelling_hints
 def absolute_difference(pred, target, *, weight=None, reduction: str = "mean", return_grad: bool = False,
                         backend: str | None = None):
     """``abs(pred - target)`` per element; its gradient at 0 is 0 (as PyTorch's l1_loss)."""
@@ -218,6 +229,7 @@ def absolute_difference(pred, target, *, weight=None, reduction: str = "mean", r
                         return_grad=return_grad, backend=backend)
 
 
+@v.torch_spelling_hints
 def huber(pred, target, *, delta: float = 1.0, weight=None, reduction: str = "mean", return_grad: bool = False,
           backend: str | None = None):
     """``0.5*d**2`` if ``|d| <= delta`` else ``delta*(|d| - 0.5*delta)`` (TF huber_loss, torch huber_loss)."""
@@ -226,6 +238,7 @@ def huber(pred, target, *, delta: float = 1.0, weight=None, reduction: str = "me
                         return_grad=return_grad, backend=backend, param=d)
 
 
+@v.torch_spelling_hints
 def smooth_l1(pred, target, *, beta: float = 1.0, weight=None, reduction: str = "mean", return_grad: bool = False,
               backend: str | None = None):
     """``0.5*d**2/beta`` if ``|d| < beta`` else ``|d| - 0.5*beta``; ``beta=0`` is L1 (torch smooth_l1_loss)."""
@@ -234,6 +247,7 @@ def smooth_l1(pred, target, *, beta: float = 1.0, weight=None, reduction: str = 
                         return_grad=return_grad, backend=backend, param=b)
 
 
+@v.torch_spelling_hints
 def hinge(logits, target, *, weight=None, reduction: str = "mean", return_grad: bool = False,
           validate: bool = True, backend: str | None = None):
     """``max(0, 1 - y*x)`` with ``y = 2*t - 1``: labels in {0, 1} (TensorFlow's hinge_loss).
@@ -247,6 +261,7 @@ def hinge(logits, target, *, weight=None, reduction: str = "mean", return_grad: 
                         binary_labels=_check_flag("validate", validate))
 
 
+@v.torch_spelling_hints
 def cosine_distance(pred, target, *, axis: int = -1, weight=None, reduction: str = "mean",
                     return_grad: bool = False, backend: str | None = None):
     """``1 - sum(pred*target, axis)`` with ``axis`` kept as size 1 (TensorFlow's cosine_distance;
@@ -271,6 +286,7 @@ def cosine_distance(pred, target, *, axis: int = -1, weight=None, reduction: str
     return _result(loss, grad, plan.return_grad)
 
 
+@v.torch_spelling_hints
 def weighted_reduce(values, weight=None, reduction: str = "mean", *, backend: str | None = None):
     """Reduce per-element losses ``values`` with ``weight`` by one of the six reductions (docs/api.md §2.3)."""
     values, weight = _plain(values=values, weight=weight)
