@@ -251,18 +251,27 @@ _FINISH = {True: _make_finish_kernel(True), False: _make_finish_kernel(False)}
 
 def vocab_finish(x, y, w_row, class_weight, start: int, classes: int, m, packed, *, ignore_index,
                  label_smoothing: float, z_loss: float, softcap: float, grad_scale: float, want_grad: bool,
-                 want_z: bool):
+                 want_z: bool, cw_total=None):
     """Loss rows (the same on every rank) and this shard's gradient, from the reduced statistics.
 
     ``w_row``: per-row weights (compute dtype, [rows]); ``classes``: the whole vocabulary C;
-    ``grad_scale``: 1/denominator of the reduction (1 for "none"/"sum").  Returns
+    ``grad_scale``: 1/denominator of the reduction (1 for "none"/"sum"), a float or the
+    ``{denominator, 1/denominator}`` pair; ``cw_total``: sum of the class weights (computed
+    when None).  Returns
     ``(loss_rows, z_rows or None, grad or None)``; grad in x's dtype, loss rows in the compute dtype.
     """
     xc = _capped(_compute(x), softcap)
     rows, v_local = xc.shape
     dt = xc.dtype
     cw = np.ones(classes, dt) if class_weight is None else np.asarray(class_weight, dt)
-    cw_total = float(classes) if class_weight is None else float(np.sum(cw, dtype=np.float64))
+    if class_weight is None:
+        cw_total = float(classes)
+    elif cw_total is None:
+        cw_total = float(np.sum(cw, dtype=np.float64))
+    else:
+        cw_total = float(np.asarray(cw_total).reshape(-1)[0])
+    if not isinstance(grad_scale, (int, float, np.floating)):
+        grad_scale = float(np.asarray(grad_scale).reshape(-1)[-1])
     loss = np.empty(rows, dt)
     z_rows = np.empty(rows if want_z else 1, dt)
     grad = np.empty((rows, v_local) if want_grad else (1, 1), dt)
