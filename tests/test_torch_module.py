@@ -37,7 +37,8 @@ REDUCTIONS = ["none", "sum", "mean"]
 HAS_Z_LOSS = {"z_loss", "softcap", "return_z_loss"} <= set(inspect.signature(gpuloss.softmax_cross_entropy).parameters)
 
 # (loss rtol, grad rtol) against torch in the same dtype, relative to the largest |value|.
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 3e-2)}
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 3e-2),
+       torch.float16: (3e-3, 5e-3)}
 
 
 @pytest.fixture
@@ -167,6 +168,16 @@ def test_cross_entropy_all_ignored_mean_is_nan_as_torch(class_weight, label_smoo
     theirs = _loss_and_grad(F.cross_entropy, x, y, weight=w, label_smoothing=label_smoothing)
     assert theirs[0].isnan() and ours[0].isnan()
     assert torch.equal(ours[1], theirs[1]) and not ours[1].any()  # torch: grad 0 on ignored rows
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float16_inputs(reduction, device, gen):
+    x = _randn(gen, 9, 13, scale=2, dtype=torch.float16, device=device)
+    y = torch.randint(0, 13, (9,), generator=gen).to(device)
+    _agree(G.cross_entropy, F.cross_entropy, x, y, reduction=reduction, label_smoothing=0.1)
+    t = _randn(gen, 9, 13, dtype=torch.float16, device=device)
+    _agree(G.huber_loss, F.huber_loss, x, t, reduction=reduction, delta=0.5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -365,6 +376,21 @@ def test_gradcheck_every_function(reduction, gen):
         if kink:
             x = (t + 0.05 + 0.5 * _rand(gen, *shape, dtype=torch.float64)).requires_grad_(True)
         assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def test_retain_graph_backward_twice_accumulates(gen):
+    # backward hands out the kept gradient itself when grad_output is 1: it must stay intact.
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _randn(gen, 5, 7, dtype=dtype).requires_grad_(True)
+        y = torch.randint(0, 7, (5,), generator=gen)
+        loss = G.cross_entropy(x, y)
+        loss.backward(retain_graph=True)
+        first = x.grad.clone()
+        loss.backward(retain_graph=True)
+        (loss * 2).backward()
+        (ref,) = torch.autograd.grad(F.cross_entropy(x, y), x)
+        _close(first, ref, TOL[dtype][1], "first backward")
+        _close(x.grad, 4 * first, 1e-6, "four times the gradient after three backwards")
 
 
 def test_double_backward_raises_instead_of_a_silent_zero(gen):
