@@ -6,7 +6,7 @@ the same process and thread count, and returns rows in the format of
 ``gpuloss.benchmark.Row`` (median of ``repeats`` runs after a warm-up).  What
 is timed is what a training step pays: the loss forward, the gradient, and
 the handing of tensors across (zero-copy on the CPU; bfloat16 is widened to
-float32 inside the kernel call on the CPU backend).
+float32 by torch before the kernel, and the gradient narrowed back).
 """
 from __future__ import annotations
 
@@ -61,12 +61,16 @@ def torch_module_rows(quick: bool = False, repeats: int | None = None) -> list[R
 
 
 if __name__ == "__main__":  # python -m gpuloss.bench_torch [--quick]
+    import datetime
     import sys
 
-    from .benchmark import Report, markdown
+    import numba
 
-    report = Report(machine="", date="", command="python -m gpuloss.bench_torch " + " ".join(sys.argv[1:]),
-                    backend="cpu", threads=0, copy_gbps=float("nan"), versions={},
+    from .benchmark import Report, machine_name, markdown
+
+    report = Report(machine=machine_name(), date=datetime.date.today().isoformat(),
+                    command="python -m gpuloss.bench_torch " + " ".join(sys.argv[1:]), backend="cpu",
+                    threads=numba.get_num_threads(), copy_gbps=float("nan"), versions={},
                     rows=torch_module_rows(quick="--quick" in sys.argv))
     print(markdown(report))
     for r in report.rows:
