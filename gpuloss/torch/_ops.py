@@ -93,8 +93,9 @@ def _scale_grad(grad: Tensor, g: Tensor, per_element: bool, class_axis: bool, in
             g = g.unsqueeze(1)
         out = grad.mul_(g) if inplace else grad * g
     if torch.is_grad_enabled():  # create_graph=True
-        out = _DelayedError("gpuloss.torch losses are differentiable once: their gradient is computed in the "
-                            "forward pass and has no derivative of its own (no double backward)", 1)(out.detach().requires_grad_())
+        message = ("gpuloss.torch losses are differentiable once: their gradient is computed in the forward "
+                   "pass and has no derivative of its own (no double backward)")
+        out = _DelayedError(message, 1)(out.detach().requires_grad_())
     return out
 
 
