@@ -277,7 +277,10 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
         if len(sizes) != world or not all(isinstance(s, numbers.Integral) and s >= 1 for s in sizes):
             raise ValueError(f"shard_sizes must list the class count of each of the {world} ranks (ints >= 1); "
                              f"got {shard_sizes!r}")
-        if int(sizes[rank]) != v_local:
+        gathering = world > 1 and validate
+        # With validation the check comes after the all_gather below, on every rank at once: a rank that
+        # raised here alone would leave the others waiting in the collective.
+        if not gathering and int(sizes[rank]) != v_local:
             raise ValueError(f"shard_sizes[{rank}] = {sizes[rank]} but this rank's logits_shard holds {v_local} "
                              f"classes (last axis of shape {tuple(logits_shard.shape)})")
     has_cw = class_weight is not None
@@ -295,8 +298,8 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
         _check_agreement(table[:, 1:], names)
         gathered = [int(s) for s in table[:, 0]]
         if shard_sizes is not None and gathered != [int(s) for s in shard_sizes]:
-            raise ValueError(f"shard_sizes {list(shard_sizes)} disagree with the ranks' logits_shard class counts "
-                             f"{gathered}")
+            raise ValueError(f"shard_sizes {[int(s) for s in shard_sizes]} disagree with the ranks' logits_shard "
+                             f"class counts {gathered} (last axis of each rank's logits_shard)")
         sizes = gathered
     elif shard_sizes is None:
         sizes = [v_local]

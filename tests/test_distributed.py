@@ -1,0 +1,348 @@
+"""Vocabulary-parallel cross entropy and data-parallel training (docs/distributed.md).
+
+Two kinds of test:
+
+* in-process: the per-shard kernels (cpu Numba twins, and kernels/vocab_parallel.cu
+  through the emulated backend) run shard by shard with the collectives done by
+  NumPy, against the unsharded call and the float64 reference;
+* multi-process: 2 and 3 processes started here (multiprocessing spawn) on
+  gloo over 127.0.0.1 only, each bounded by a hard timeout, against the
+  unsharded call.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpuloss as gl
+from gpuloss import reference
+from gpuloss.backends import cpu_vocab
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+HARD_TIMEOUT = 180  # seconds per multi-process test (spawned interpreters import torch and load Numba's cache)
+
+OPTIONS = [  # every option of the cross entropy, alone and together
+    dict(),
+    dict(class_weight=True),
+    dict(ignore_index=-100, holes=True),
+    dict(label_smoothing=0.1),
+    dict(label_smoothing=0.2, class_weight=True, holes=True),
+    dict(z_loss=1e-3),
+    dict(softcap=4.0),
+    dict(weight=True),
+    dict(class_weight=True, label_smoothing=0.15, z_loss=1e-2, softcap=6.0, weight=True, holes=True),
+]
+REDUCTIONS = ["none", "sum", "mean", "sum_over_batch_size", "sum_by_nonzero_weights", "batch_size"]
+
+
+def _bounds(vocab: int, world: int) -> list[int]:
+    from gpuloss.torch.distributed import shard_bounds
+    return shard_bounds(vocab, world)
+
+
+def _case(rng, rows: int, vocab: int, opts: dict, dtype=np.float32):
+    """(x, y, kwargs for gl.softmax_cross_entropy) for one option set, fresh random data."""
+    x = (rng.standard_normal((rows, vocab)) * 3).astype(dtype)
+    y = rng.integers(0, vocab, rows)
+    kw = {}
+    if opts.get("holes"):
+        y[rng.choice(rows, max(1, rows // 4), replace=False)] = -100
+    if opts.get("class_weight"):
+        kw["class_weight"] = rng.uniform(0.2, 2.0, vocab).astype(dtype)
+    if opts.get("weight"):
+        kw["weight"] = rng.uniform(0.0, 2.0, rows).astype(dtype)
+    for k in ("label_smoothing", "z_loss", "softcap"):
+        if k in opts:
+            kw[k] = opts[k]
+    return x, y, kw
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process: the kernels shard by shard, collectives by NumPy
+
+
+def _stats_finish(backend: str):
+    if backend == "cpu":
+        return cpu_vocab.vocab_stats, cpu_vocab.vocab_finish
+    from gpuloss.backends import get_backend, launch_vocab
+    be = get_backend(backend)
+    return (lambda *a, **k: launch_vocab.vocab_stats(be, *a, **k),
+            lambda *a, **k: launch_vocab.vocab_finish(be, *a, **k))
+
+
+def simulate(backend, x, y, bounds, *, class_weight=None, weight=None, label_smoothing=0.0, z_loss=0.0,
+             softcap=None, ignore_index=-100):
+    """Loss rows (checked equal on every shard) and the concatenated gradient of their weighted sum."""
+    stats, finish = _stats_finish(backend)
+    cap = softcap or 0.0
+    parts = [stats(x[:, a:b], y, class_weight, a, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                   softcap=cap) for a, b in zip(bounds, bounds[1:])]
+    ms = np.stack([p[0] for p in parts])
+    m = ms.max(axis=0)                                  # all-reduce MAX (NaN-propagating, as a max may be)
+    cw = np.ones(x.shape[1]) if class_weight is None else class_weight
+    packed = sum(cpu_vocab.combine_partials(np, p[0], m, p[1].copy(), float(np.sum(cw[a:b])))
+                 for p, a, b in zip(parts, bounds, bounds[1:]))  # all-reduce SUM
+    w = np.ones(len(y), x.dtype if x.dtype == np.float64 else np.float32) if weight is None else weight
+    outs = [finish(x[:, a:b], y, w, class_weight, a, bounds[-1], m, packed, ignore_index=ignore_index,
+                   label_smoothing=label_smoothing, z_loss=z_loss, softcap=cap, grad_scale=1.0, want_grad=True,
+                   want_z=True) for a, b in zip(bounds, bounds[1:])]
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o[0], outs[0][0])  # every rank the same loss rows, bit for bit
+    return outs[0][0], outs[0][1], np.concatenate([o[2] for o in outs], axis=1)
+
+
+def _check_against_unsharded(backend, rng, rows, vocab, world, opts, dtype, tol):
+    x, y, kw = _case(rng, rows, vocab, opts, dtype)
+    bounds = _bounds(vocab, world)
+    loss, z, grad = simulate(backend, x, y, bounds, **kw)
+    ref_loss, ref_z, ref_grad = reference.softmax_cross_entropy(x, y, reduction="none", return_z_loss=True, **kw)
+    np.testing.assert_allclose(loss, ref_loss, rtol=tol, atol=tol)
+    np.testing.assert_allclose(z, ref_z, rtol=tol, atol=tol)
+    np.testing.assert_allclose(grad, ref_grad, rtol=tol, atol=tol * 1e-2)
+    un_loss, un_grad = gl.softmax_cross_entropy(x, y, reduction="none", return_grad=True, **kw)
+    np.testing.assert_allclose(loss, un_loss, rtol=tol, atol=tol)
+    np.testing.assert_allclose(grad, un_grad, rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(o) or "plain")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_cpu_kernels_shard_by_shard(rng, opts, dtype):
+    """V = 32003 over 3 shards (10668, 10668, 10667): loss rows and gradient as the unsharded call."""
+    tol = 2e-5 if dtype == np.float32 else 1e-11
+    _check_against_unsharded("cpu", rng, 6, 32003, 3, opts, dtype, tol)
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("opts", [OPTIONS[0], OPTIONS[4], OPTIONS[-1]], ids=["plain", "smooth-cw-holes", "all"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_cuda_kernels_through_emulator(rng, opts, dtype):
+    """kernels/vocab_parallel.cu (vp_stats/vp_finish) on the emulator, odd shards (1001 over 3)."""
+    import shutil
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ for the emulator")
+    tol = 2e-5 if dtype == np.float32 else 1e-11
+    _check_against_unsharded("emulated", rng, 5, 1001, 3, opts, dtype, tol)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("emulated", marks=pytest.mark.emulated)])
+def test_special_values_match_unsharded(rng, backend):
+    """A NaN logit makes its row NaN on every shard; a shard whose classes are all -inf (masked) changes
+    nothing; a confident row keeps its tiny loss (log1p of the rest)."""
+    vocab, bounds = 301, _bounds(301, 3)
+    x = rng.standard_normal((4, vocab)).astype(np.float32)
+    y = rng.integers(0, vocab, 4)
+    x[0, bounds[1] + 5] = np.nan
+    x[1, bounds[1]:bounds[2]] = -np.inf
+    y[1] = bounds[0] + 3
+    x[2, :] = -30.0
+    x[2, y[2]] = 30.0
+    loss, _, grad = simulate(backend, x, y, bounds)
+    un_loss, un_grad = gl.softmax_cross_entropy(x, y, reduction="none", return_grad=True)
+    assert np.isnan(loss[0]) and np.isnan(grad[0]).all()
+    np.testing.assert_allclose(loss[1:], un_loss[1:], rtol=1e-5)
+    assert 0 < loss[2] < 1e-20
+    np.testing.assert_allclose(grad[1:], un_grad[1:], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-process harness: spawn, gloo on 127.0.0.1, a hard timeout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, folder, fn_name, payload):
+    """Entry point of a spawned rank: joins the gloo group, runs fn, pickles its result (or traceback)."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    out = Path(folder) / f"rank{rank}.pkl"
+    try:
+        import torch.distributed as d
+        d.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                             timeout=timedelta(seconds=60))
+        try:
+            result = globals()[fn_name](rank, world, payload)
+        finally:
+            d.destroy_process_group()
+        out.write_bytes(pickle.dumps(("ok", result)))
+    except BaseException:
+        out.write_bytes(pickle.dumps(("error", traceback.format_exc())))
+        sys.exit(1)
+
+
+def run_ranks(world: int, fn_name: str, payload, tmp_path: Path, timeout: float = HARD_TIMEOUT) -> list:
+    """Start `world` processes running fn_name(rank, world, payload); their results in rank order.
+    A process still alive at the deadline is killed and the test fails."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    env_before = {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+    os.environ["NUMBA_NUM_THREADS"] = "1"   # 2 cores shared by every rank
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(tmp_path), fn_name, payload))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+    finally:
+        for k, val in env_before.items():
+            if val is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = val
+    import time
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join(10)
+    assert not hung, f"ranks {hung} still running after {timeout} s: killed"
+    results = []
+    for r in range(world):
+        f = tmp_path / f"rank{r}.pkl"
+        assert f.exists(), f"rank {r} exited with {procs[r].exitcode} and wrote no result"
+        status, value = pickle.loads(f.read_bytes())
+        results.append((status, value))
+    return results
+
+
+def _ok(results) -> list:
+    errors = [f"rank {r}:\n{v}" for r, (s, v) in enumerate(results) if s != "ok"]
+    assert not errors, "\n".join(errors)
+    return [v for _, v in results]
+
+
+# -- the worker functions (run inside spawned ranks; looked up by name) ---------------------------
+
+def _vp_worker(rank, world, payload):
+    import torch
+    import gpuloss.torch as gt
+    from gpuloss.torch.distributed import shard_bounds
+    out = []
+    for case in payload["cases"]:
+        x = torch.from_numpy(case["x"])
+        b = shard_bounds(x.shape[-1], world)
+        shard = x[..., b[rank]:b[rank + 1]].clone().requires_grad_(True)
+        kw = dict(case["kw"])
+        for k in ("class_weight", "weight"):
+            if k in kw:
+                kw[k] = torch.from_numpy(kw[k])
+        loss = gt.vocab_parallel_cross_entropy(shard, torch.from_numpy(case["y"]), reduction=case["reduction"],
+                                               backend=payload.get("backend"), **kw)
+        (loss.sum() if case["reduction"] == "none" else loss).backward()
+        out.append((loss.detach().numpy().copy(), shard.grad.numpy().copy()))
+    return out
+
+
+def _vp_cases(rng, rows, vocab, dtype, options, reductions):
+    cases = []
+    for k, opts in enumerate(options):
+        for red in reductions:
+            x, y, kw = _case(rng, rows, vocab, opts, dtype)
+            cases.append(dict(x=x, y=y, kw=kw, reduction=red))
+    return cases
+
+
+def _compare_vp(cases, results, world, loss_tol, grad_tol):
+    worst = [0.0, 0.0]
+    for k, case in enumerate(cases):
+        x, y, kw = case["x"], case["y"], case["kw"]
+        un_loss, un_grad = gl.softmax_cross_entropy(x, y, reduction=case["reduction"], return_grad=True, **kw)
+        ref_loss, _ = reference.softmax_cross_entropy(x, y, reduction=case["reduction"], **kw)
+        b = _bounds(x.shape[-1], world)
+        losses = [results[r][k][0] for r in range(world)]
+        for r in range(1, world):
+            np.testing.assert_array_equal(losses[r], losses[0])   # identical on every rank
+        grad = np.concatenate([results[r][k][1] for r in range(world)], axis=-1)
+        assert [results[r][k][1].shape[-1] for r in range(world)] == list(np.diff(b))
+        np.testing.assert_allclose(losses[0], un_loss, rtol=loss_tol, atol=loss_tol, err_msg=str(case["kw"]))
+        np.testing.assert_allclose(losses[0], ref_loss, rtol=loss_tol, atol=loss_tol, err_msg=str(case["kw"]))
+        np.testing.assert_allclose(grad, un_grad, rtol=grad_tol, atol=grad_tol * 1e-2, err_msg=str(case["kw"]))
+        worst[0] = max(worst[0], float(np.max(np.abs(losses[0] - un_loss))))
+        worst[1] = max(worst[1], float(np.max(np.abs(grad - un_grad))))
+    print(f"max |loss - unsharded| = {worst[0]:.3g}, max |grad - unsharded| = {worst[1]:.3g}")
+
+
+@pytest.mark.slow
+def test_three_ranks_odd_vocabulary_every_option(rng, tmp_path):
+    """V = 32003 over 3 gloo ranks: every option x every reduction, loss and gradient as the unsharded call."""
+    options = OPTIONS
+    cases = []
+    for k, opts in enumerate(options):   # each option with two reductions (all six over the list)
+        reds = [REDUCTIONS[k % 6], REDUCTIONS[(k + 3) % 6]]
+        cases += _vp_cases(rng, 5, 32003, np.float32, [opts], reds)
+    cases += _vp_cases(rng, 5, 32003, np.float32, [options[-1]], REDUCTIONS)
+    results = _ok(run_ranks(3, "_vp_worker", dict(cases=cases), tmp_path))
+    _compare_vp(cases, results, 3, loss_tol=2e-5, grad_tol=2e-5)
+
+
+@pytest.mark.slow
+def test_two_ranks_float64_and_3d(rng, tmp_path):
+    """float64 logits [2, 3, V] over 2 ranks: tight agreement, rows of any leading shape."""
+    cases = []
+    for opts, red in [(OPTIONS[-1], "mean"), (OPTIONS[4], "none"), (OPTIONS[0], "sum")]:
+        x = rng.standard_normal((2, 3, 777)) * 2
+        y = rng.integers(0, 777, (2, 3))
+        y[0, 1] = -100
+        kw = {}
+        if opts.get("class_weight"):
+            kw["class_weight"] = rng.uniform(0.2, 2.0, 777)
+        if opts.get("weight"):
+            kw["weight"] = rng.uniform(0.0, 2.0, (2, 3))
+        for k in ("label_smoothing", "z_loss", "softcap"):
+            if k in opts:
+                kw[k] = opts[k]
+        cases.append(dict(x=x, y=y, kw=kw, reduction=red))
+    results = _ok(run_ranks(2, "_vp_worker", dict(cases=cases), tmp_path))
+    _compare_vp(cases, results, 2, loss_tol=1e-11, grad_tol=1e-11)
+
+
+def _vp_error_worker(rank, world, payload):
+    import torch
+    import gpuloss.torch as gt
+    torch.manual_seed(payload)   # the same targets on every rank (the shards differ in width)
+    y = torch.randint(0, 10, (4,))
+    x = torch.randn(4, 10 + rank)
+    errors = {}
+    tries = {
+        "label_smoothing": lambda: gt.vocab_parallel_cross_entropy(x, y, label_smoothing=0.1 * rank),
+        "shard_sizes": lambda: gt.vocab_parallel_cross_entropy(x, y, shard_sizes=[10, 10]),
+        "target_range": lambda: gt.vocab_parallel_cross_entropy(x, torch.full((4,), 21)),
+        "target_differs": lambda: gt.vocab_parallel_cross_entropy(x, (y + rank) % 10),
+        "class_weight": lambda: gt.vocab_parallel_cross_entropy(x, y, class_weight=torch.ones(10 + rank)),
+    }
+    for name, call in tries.items():
+        try:
+            call()
+            errors[name] = None
+        except (ValueError, TypeError) as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    return errors
+
+
+@pytest.mark.slow
+def test_disagreeing_ranks_get_errors_naming_the_argument(rng, tmp_path):
+    results = _ok(run_ranks(2, "_vp_error_worker", int(rng.integers(1 << 30)), tmp_path))
+    for rank, errors in enumerate(results):
+        assert "label_smoothing differs across ranks" in errors["label_smoothing"]
+        # rank 0's shard does hold 10 classes, rank 1's 11: both ranks learn it (no rank is left waiting)
+        assert "shard_sizes [10, 10] disagree with the ranks' logits_shard class counts [10, 11]" in \
+            errors["shard_sizes"]
+        assert "target holds 21" in errors["target_range"] and "[0, 21)" in errors["target_range"]
+        assert "target differs across ranks" in errors["target_differs"]
+        assert "class_weight must have shape (21,)" in errors["class_weight"] or \
+            "class_weight length differs" in errors["class_weight"]
