@@ -396,7 +396,7 @@ def test_shape_mismatches_name_arguments(rng):
 def test_budget_too_small_is_a_clear_error(rng):
     x, W, b, y = _data(rng, 6, 4, 5000, np.float32)
     need = min_chunk_bytes(5000, 4, np.float32)
-    assert need == 2 * 5000 * 4
+    assert need == (2 * 5000 + 4) * 4
     with pytest.raises(ValueError, match=rf"chunk_bytes=1000 is too small for one row of V=5000 logits.*"
                                          rf"chunk_bytes >= {need}"):
         gl.linear_cross_entropy(x, W, y, chunk_bytes=1000)
