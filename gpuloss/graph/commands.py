@@ -47,6 +47,9 @@ def register(subparsers) -> None:
                    "(default: 1 for small nets, where waking threads costs more than the work; else all)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar: display and test results are printed as plain lines")
+    p.add_argument("--dist-timeout", type=positive_int, default=300, metavar="SECONDS",
+                   help="under torchrun (data-parallel): seconds a collective may wait for the other ranks "
+                        "before the run stops with an error (default 300)")
     p.set_defaults(func=_train_cmd)
 
     t = subparsers.add_parser("time", help="per-layer forward/backward times, like `caffe time`",
@@ -112,10 +115,14 @@ def _train_cmd(args) -> int:
             train(net=args.net, solver=args.solver, data=args.data, test_data=args.test_data,
                   max_iter=args.max_iter, backend=args.backend, resume=args.resume,
                   snapshot_prefix=args.snapshot_prefix, seed=args.seed, progress=not args.no_progress,
-                  threads=args.threads, _status=status)
+                  threads=args.threads, dist_timeout=args.dist_timeout, _status=status)
     except _user_errors() as exc:
         print(_one_line("train", exc), file=sys.stderr)
         return 2
+    except _distributed_failure() as exc:
+        where = f" at iteration {status['iter']}" if "iter" in status else ""
+        print(f"gpuloss train: stopped{where}: {exc}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, _Terminated) as exc:
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
         where = f" at iteration {status['iter']}" if "iter" in status else ""
@@ -123,6 +130,11 @@ def _train_cmd(args) -> int:
         print(f"gpuloss train: {what}{where}{snap}", file=sys.stderr)
         return 130 if what == "interrupted" else 128 + signal.SIGTERM
     return 0
+
+
+def _distributed_failure():
+    from .distributed import DistributedFailure
+    return (DistributedFailure,)
 
 
 def _load_config(solver, net):
@@ -177,20 +189,31 @@ def _check_snapshot_folder(prefix: str) -> None:
 
 
 def train(net=None, solver=None, data=None, test_data=None, *, max_iter=None, backend="auto", resume=None,
-          snapshot_prefix=None, seed=None, progress=True, threads=None, out=print, _status=None) -> dict:
+          snapshot_prefix=None, seed=None, progress=True, threads=None, out=print, dist_timeout=300.0,
+          _status=None) -> dict:
     """Train as ``gpuloss train`` does; returns ``{"iterations", "seconds", "test": {top: mean}}``.
 
     ``net``, ``solver``, ``data``, ``test_data`` and ``resume`` are paths (never
     prototxt text). Everything that can be checked is checked before the first
     iteration: the solver, the net, the data's keys and shapes, the snapshot to
     resume from, and that the snapshot folder can be written.
+
+    Started as one of several ranks (torchrun: ``WORLD_SIZE`` > 1) it trains
+    data-parallel (gpuloss/graph/distributed.py): the first line says so, each
+    rank reads its share of every batch, gradients are averaged after backward,
+    only rank 0 prints and writes snapshots.
     """
     from .data import BatchFeeder, load_digits_split, load_npz
     from .layer import GraphError
     from .net import Net
     from .solver import make_solver
 
+    from . import distributed
     status = {} if _status is None else _status
+    dp = None
+    if distributed.launched():
+        if backend in ("cuda", "auto") and _cuda_answers(backend):
+            distributed.select_local_device()
     cfg = _load_config(solver, net)
     overrides = {k: v for k, v in (("max_iter", max_iter), ("snapshot_prefix", snapshot_prefix),
                                    ("random_seed", seed)) if v is not None}
@@ -204,6 +227,11 @@ def train(net=None, solver=None, data=None, test_data=None, *, max_iter=None, ba
     train_net = Net.from_prototxt(net_path, phase="TRAIN", backend=backend, seed=net_seed)
     test_net = Net.from_prototxt(net_path, phase="TEST", backend=train_net.backend, seed=net_seed)
     test_net.share_params_from(train_net)
+    if distributed.launched():
+        dp = distributed.DataParallel(train_net.backend, timeout_s=float(dist_timeout))
+        if not dp.is_main:   # only rank 0 prints the progress and the results
+            out, progress = (lambda *a, **k: None), False
+        out(dp.describe())
     if not train_net.input_names:
         raise GraphError(f"{net_path}: the net has no inputs to feed data to")
 
@@ -224,24 +252,40 @@ def train(net=None, solver=None, data=None, test_data=None, *, max_iter=None, ba
     if batch < 1:
         raise GraphError(f"{net_path}: input {train_net.input_names[0]!r} declares batch size {batch}; "
                          f"training needs >= 1")
-    feeder = BatchFeeder(train_arrays, batch, seed=net_seed)
+    if dp is not None:
+        dp.check_batch(batch)
+    feeder = BatchFeeder(train_arrays, batch, seed=net_seed)   # global batches: the same on every rank
     sol = make_solver(train_net, cfg, test_net=test_net)
     if resume:
         sol.restore(resume)   # checks the whole file first; a bad one changes nothing
-    if cfg.snapshot_prefix and (cfg.snapshot or cfg.snapshot_after_train):
+    if dp is not None:
+        dp.broadcast_params(train_net.learnable_params)
+        sol.grad_hook = lambda: dp.average_gradients(sol.params)
+    if cfg.snapshot_prefix and (cfg.snapshot or cfg.snapshot_after_train) and (dp is None or dp.is_main):
         _check_snapshot_folder(cfg.snapshot_prefix)
     n_params = sum(int(np.prod(p.data.shape)) for p in train_net.learnable_params)
     n_test = len(next(iter(test_arrays.values()))) if test_arrays else 0
     out(f"training {train_net.name or net_path.name} ({n_params} parameters) on {source}: "
-        f"{feeder.n} train / {n_test} test samples, batch {batch}, {cfg.type} solver, "
+        f"{feeder.n} train / {n_test} test samples, batch {batch}"
+        f"{f' ({batch // dp.world} per rank)' if dp is not None else ''}, {cfg.type} solver, "
         f"{cfg.max_iter} iterations, backend {train_net.backend}")
     if resume:
         out(f"resuming from {os.fspath(resume)} at iteration {sol.iter}")
         status["snapshot"] = os.fspath(resume)
     status["iter"] = sol.iter
 
-    with _cpu_threads(train_net, batch, threads):
-        return _train_loop(sol, cfg, feeder, train_net, test_net, test_arrays, n_test, progress, out, status)
+    try:
+        with _cpu_threads(train_net, batch, threads):
+            return _train_loop(sol, cfg, feeder, train_net, test_net, test_arrays, n_test, progress, out, status,
+                               dp)
+    finally:
+        if dp is not None:
+            dp.close()
+
+
+def _cuda_answers(backend: str) -> bool:
+    from gpuloss.backends import cuda_unavailable_reason
+    return backend == "cuda" or cuda_unavailable_reason() is None
 
 
 @contextlib.contextmanager
@@ -278,7 +322,7 @@ def _cpu_threads(net, batch, n=None):
         numba.set_num_threads(before)
 
 
-def _train_loop(sol, cfg, feeder, train_net, test_net, test_arrays, n_test, progress, out, status):
+def _train_loop(sol, cfg, feeder, train_net, test_net, test_arrays, n_test, progress, out, status, dp=None):
     from tqdm import tqdm
 
     def postfix(values: dict) -> dict:
@@ -293,33 +337,36 @@ def _train_loop(sol, cfg, feeder, train_net, test_net, test_arrays, n_test, prog
     shown: dict = {}
     total = None
     while sol.iter < cfg.max_iter:
-        total = sol.step(feeder.batch(sol.iter))
+        inputs = feeder.batch(sol.iter)
+        total = sol.step(inputs if dp is None else dp.shard(inputs))
         it = status["iter"] = sol.iter
         if cfg.display and (it % cfg.display == 0 or it == cfg.max_iter):
             # Reading the values is the one host synchronisation of a display interval.
             shown = {f"{t.top}(x{t.weight:g})" if t.weight != 1 else t.top: float(t.value)
                      for t in train_net.loss_terms}
             shown["total"] = float(total)
+            if dp is not None:   # each rank's values are means over its share: their mean is the batch's
+                shown = dp.mean(shown)
             bar.set_postfix(postfix(shown), refresh=False)
             if not progress:
                 out(line(it, shown))
         if cfg.test_interval and test_arrays and it % cfg.test_interval == 0 and it < cfg.max_iter:
-            tested = {f"test_{k}": v for k, v in evaluate(test_net, test_arrays).items()}
+            tested = {f"test_{k}": v for k, v in _evaluate(test_net, test_arrays, dp).items()}
             shown.update(tested)
             bar.set_postfix(postfix(shown), refresh=False)
             if not progress:
                 out(line(it, tested))
-        if cfg.snapshot and cfg.snapshot_prefix and it % cfg.snapshot == 0:
+        if cfg.snapshot and cfg.snapshot_prefix and it % cfg.snapshot == 0 and (dp is None or dp.is_main):
             status["snapshot"] = sol.snapshot()
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - start
-    if cfg.snapshot_after_train and cfg.snapshot_prefix:
+    if cfg.snapshot_after_train and cfg.snapshot_prefix and (dp is None or dp.is_main):
         status["snapshot"] = sol.snapshot()
         out(f"snapshot: {status['snapshot']}")
     result = {"iterations": sol.iter, "seconds": seconds, "test": {}}
     if test_arrays:
-        result["test"] = tested = evaluate(test_net, test_arrays)
+        result["test"] = tested = _evaluate(test_net, test_arrays, dp)
         parts = [f"{k} = {v:.4f}" for k, v in tested.items() if k not in _accuracy_tops(test_net)]
         if parts:
             out("test " + ", ".join(parts))
@@ -330,6 +377,10 @@ def _train_loop(sol, cfg, feeder, train_net, test_net, test_arrays, n_test, prog
         last = "" if total is None else f"; final total loss {float(total):.4f}"
         out(f"trained {sol.iter} iterations in {seconds:.1f} s{last} (no test data)")
     return result
+
+
+def _evaluate(net, arrays: dict, dp) -> dict:
+    return evaluate(net, arrays) if dp is None else dp.evaluate(net, arrays, evaluate)
 
 
 def _accuracy_tops(net) -> set:

@@ -280,10 +280,16 @@ class Solver:
     def learning_rate(self, it: int | None = None) -> float:
         return learning_rate(self.config, self.iter if it is None else it)
 
+    # Called between backward and the update when set (data-parallel training averages the
+    # gradients over the ranks here: gpuloss/graph/distributed.py).
+    grad_hook = None
+
     def step(self, inputs: dict):
         """One iteration: forward (returns the 0-d total loss), backward, update; ``iter += 1``."""
         loss = self.net.forward(**inputs)
         self.net.backward()
+        if self.grad_hook is not None:
+            self.grad_hook()
         self.apply_update()
         self.iter += 1
         return loss
