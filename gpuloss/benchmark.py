@@ -277,6 +277,10 @@ def run_suite(quick: bool = False, backend: str = "cpu", repeats: int | None = N
             report.rows.append(bench_cross_entropy(what, np.float32, repeats, torch, backend, forward_only=fwd))
         else:
             report.rows.append(bench_elementwise(what, size, repeats, torch, backend))
+    if backend == "cpu" and torch is not None:
+        # One training step's loss through gpuloss.torch against torch's own (float32 and bfloat16).
+        from .bench_torch import torch_module_rows
+        report.rows.extend(torch_module_rows(quick=quick, repeats=repeats))
     return report
 
 
