@@ -717,7 +717,8 @@ def test_device_conversions_match_bit_paths():
         pytest.skip(f"cuda backend: {reason}")
     import cupy as cp
 
-    mod = cp.RawModule(code=(kernels_dir() / "selftest.cu").read_text(),
+    # device_source, as the cuda backend: CuPy's cache then sees header edits too
+    mod = cp.RawModule(code=device_source(kernels_dir() / "selftest.cu"),
                        options=("--std=c++17", f"--include-path={kernels_dir()}"), backend="nvrtc")
     rng = np.random.default_rng(6)
     f = np.concatenate([rng.integers(0, 2**32, 1 << 21, dtype=np.uint64).astype(np.uint32).view(np.float32),
