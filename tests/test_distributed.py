@@ -154,6 +154,51 @@ def test_special_values_match_unsharded(rng, backend):
     np.testing.assert_allclose(grad[1:], un_grad[1:], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_torch_world_of_one_16bit_and_z_term(rng, dtype):
+    """Without a process group the call is the unsharded loss: 16-bit logits (float32 loss, gradient in the
+    input dtype), return_z_loss, a 3-d batch, every reduction, against gpuloss.torch's unsharded path."""
+    import gpuloss.torch as gt
+    tdt = getattr(torch, dtype)
+    x = torch.from_numpy(rng.standard_normal((2, 3, 515)).astype(np.float32) * 3).to(tdt).requires_grad_(True)
+    y = torch.from_numpy(rng.integers(0, 515, (2, 3)))
+    y[1, 2] = -100
+    cw = torch.from_numpy(rng.uniform(0.5, 2.0, 515).astype(np.float32))
+    for red in REDUCTIONS:
+        loss, z = gt.vocab_parallel_cross_entropy(x, y, class_weight=cw, label_smoothing=0.1, z_loss=1e-3,
+                                                  softcap=5.0, reduction=red, return_z_loss=True)
+        assert loss.dtype == torch.float32 and z.dtype == torch.float32
+        (loss.sum() if red == "none" else loss).backward()
+        assert x.grad.dtype == tdt
+        xs = x.detach().float().numpy()
+        ref_loss, ref_z, ref_grad = reference.softmax_cross_entropy(
+            xs, y.numpy(), class_weight=cw.numpy(), label_smoothing=0.1, z_loss=1e-3, softcap=5.0, reduction=red,
+            return_z_loss=True)
+        np.testing.assert_allclose(loss.detach().numpy(), ref_loss, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(z.numpy(), ref_z, rtol=1e-5, atol=1e-7)
+        tol = 1e-2 if dtype != "float32" else 1e-6   # the gradient is stored in the input dtype
+        np.testing.assert_allclose(x.grad.float().numpy(), ref_grad, rtol=tol, atol=tol * 1e-2)
+        x.grad = None
+
+
+@pytest.mark.emulated
+def test_torch_world_of_one_emulated_backend(rng):
+    """The torch layer on kernels/vocab_parallel.cu through the emulator (backend="emulated")."""
+    import shutil
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ for the emulator")
+    import gpuloss.torch as gt
+    x = torch.from_numpy(rng.standard_normal((6, 301))).requires_grad_(True)
+    y = torch.from_numpy(rng.integers(0, 301, 6))
+    w = torch.from_numpy(rng.uniform(0.0, 2.0, 6))
+    loss = gt.vocab_parallel_cross_entropy(x, y, weight=w, label_smoothing=0.2, z_loss=1e-2, backend="emulated")
+    loss.backward()
+    ref_loss, ref_grad = reference.softmax_cross_entropy(x.detach().numpy(), y.numpy(), weight=w.numpy(),
+                                                         label_smoothing=0.2, z_loss=1e-2)
+    np.testing.assert_allclose(loss.item(), ref_loss, rtol=1e-12)
+    np.testing.assert_allclose(x.grad.numpy(), ref_grad, rtol=1e-11, atol=1e-14)
+
+
 # ------------------------------------------------------------------------------------------------
 # Multi-process harness: spawn, gloo on 127.0.0.1, a hard timeout
 
