@@ -41,11 +41,12 @@ __all__ = ["linear_cross_entropy", "LinearGrads", "DEFAULT_CHUNK_BYTES", "min_ch
 
 # The default budget of the per-chunk working set: the chunk's logits and their gradient
 # (2 x rows x V x 4 bytes in float32) and its d_input product, plus for 16-bit inputs the
-# chunk's upcast rows.
-# 64 MiB is 256 rows of a 32000-word vocabulary, 65 rows of 128256: big enough that the
-# chunk GEMMs run near the machine's peak (measured in bench/results/*linear*), small
-# against the [N, V] logits it replaces.
-DEFAULT_CHUNK_BYTES = 64 << 20
+# chunk's upcast rows.  128 MiB is 524 rows of a 32000-word vocabulary, 130 rows of 128256.
+# Measured on a 2-core EPYC with NumPy's OpenBLAS (bench/results/*linear*): GEMMs over
+# fewer rows run well below the machine's peak (32 and 64 MiB took 1.3-1.8x torch's
+# unfused time at N=2048, H=1024, V=32000; 128 MiB about 1.0-1.4x, 256 MiB about 1.1x),
+# while the working set stays ~1/10 of the unfused logits' memory at that shape.
+DEFAULT_CHUNK_BYTES = 128 << 20
 
 LinearGrads = namedtuple("LinearGrads", ["input", "linear_weight", "linear_bias"])
 LinearGrads.__doc__ = """Gradients of the returned loss (of its sum for reduction="none"):
@@ -186,7 +187,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     ``weight``, ``class_weight``, ``ignore_index``, ``label_smoothing``, the six reductions,
     ``z_loss``, ``softcap``, ``return_z_loss``, ``validate``, ``backend``).
 
-    ``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`, 64 MiB) bounds the per-chunk
+    ``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`, 128 MiB) bounds the per-chunk
     working set: a chunk's logits and their gradient in the compute dtype (float32 for
     16-bit inputs, whose chunk rows are upcast too).  Outside it: the outputs, and for
     16-bit inputs float32 copies of ``linear_weight`` and of its gradient.  A budget below
