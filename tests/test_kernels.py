@@ -283,8 +283,9 @@ for shape, axis in [((6, 3), -1), ((6, 40), -1), ((5, 1500), -1), ((2, 4, 3), 1)
             m = gl.softmax_cross_entropy(logits, y, axis=axis, validate=False, backend="emulated")
             assert np.isnan(m), m
 x = rng.standard_normal((3, 5)).astype(np.float32)
+labels = (x > 0).astype(np.float32)  # hinge takes 0/1 labels only
 for name in ("mean_squared_error", "sigmoid_cross_entropy", "hinge", "huber"):
-    getattr(gl, name)(x, x * 0.5, weight=np.ones(3), reduction="mean", return_grad=True, backend="emulated")
+    getattr(gl, name)(x, labels, weight=np.ones(3), reduction="mean", return_grad=True, backend="emulated")
 gl.sigmoid_cross_entropy(x, x, pos_weight=np.ones(5), return_grad=True, backend="emulated")
 gl.cosine_distance(x, x, axis=0, weight=np.ones((1, 5)), return_grad=True, backend="emulated")
 gl.weighted_reduce(x, np.ones(3), reduction="sum_by_nonzero_weights", backend="emulated")
