@@ -152,7 +152,8 @@ template <class A> GPULOSS_DEVICE bool is_nan(A x) { return x != x; }
 // 0x7fff, bf16 0x7fff), sign and payload dropped. That is what the GPU's cvt
 // instructions are documented to produce and what CUDA's own host fallbacks
 // emulate, so the inline-PTX path and the bit path agree on every input;
-// selftest_convert_check (tests/test_nvrtc.py, on a GPU) verifies it bitwise.
+// selftest_convert_check (tests/kernels/selftest.cu, run by tests/test_nvrtc.py
+// on a GPU) verifies it bitwise.
 // bf16 -> f32 is a plain shift on both paths, so it keeps payloads.
 // Everything else is IEEE 754 round-to-nearest-even, with subnormals kept
 // (no flush to zero) and overflow to infinity.
@@ -485,7 +486,7 @@ GPULOSS_DEVICE index_t grid_stride() { return (index_t)gridDim.x * (index_t)bloc
 // type. A kernel file defines, on one logical line,
 //   #define STAMP(sfx, T) extern "C" __global__ void op_fwd_##sfx(const T* x) { op_fwd<T>(x); } GPULOSS_REGISTER(op_fwd_##sfx);
 // then writes GPULOSS_FOR_EACH_STORAGE(STAMP) to get op_fwd_f32, _f64, _f16, _bf16
-// (see selftest.cu).
+// (see tests/kernels/selftest.cu).
 #define GPULOSS_FOR_EACH_STORAGE(X) X(f32, float) X(f64, double) X(f16, gl::f16_t) X(bf16, gl::bf16_t)
 
 #endif  // GPULOSS_COMMON_CUH

@@ -224,6 +224,7 @@ def test_kernels_dir_path_with_a_quote_and_a_space(tmp_path):
     # "..." takes no escapes: a `"` in the path broke the build.
     weird = tmp_path / 'ker "nels" dir' / "kernels"
     shutil.copytree(emulated._paths.kernels_dir(), weird)
+    shutil.copy(Path(__file__).resolve().parent / "kernels" / "selftest.cu", weird / "selftest.cu")
     code = r"""
 import numpy as np
 from gpuloss import _paths

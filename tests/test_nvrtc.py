@@ -30,7 +30,9 @@ from gpuloss import kernel_table, nvrtc
 from gpuloss._paths import device_source, headers_digest, included_files, kernel_sources, kernels_dir
 
 ARCHS = ("sm_70", "sm_80", "sm_90")
-SOURCES = kernel_sources()
+# The shipped kernels, and the test-only selftest.cu (tests/kernels/) that exercises common.cuh.
+SELFTEST = Path(__file__).resolve().parent / "kernels" / "selftest.cu"
+SOURCES = kernel_sources() + [SELFTEST]
 
 
 def _nvrtc_available() -> bool:
@@ -51,7 +53,9 @@ VERBOSE = ("-Xptxas=-v",)  # what kernel_table and file_resources compile with: 
 def _compiled(path: Path, arch: str) -> nvrtc.CompileResult:
     """A kernel file as `gpuloss kernels` compiles it; compile_file keeps each result, so
     this compiles a (file, arch) once per run, shared by every test and the CLI's table."""
-    return nvrtc.compile_file(path, arch, VERBOSE)
+    # selftest.cu lives in tests/kernels and includes kernels/common.cuh; the shipped files are compiled
+    # exactly as kernel_table compiles them (the same cache entry).
+    return nvrtc.compile_file(path, arch, VERBOSE, include_dirs=[kernels_dir()] if path == SELFTEST else None)
 
 
 def _skip_unsupported(arch: str) -> None:
@@ -116,7 +120,9 @@ def test_compile_returns_cubin_ptx_and_entries():
 
 
 def test_there_are_kernel_sources():
-    assert any(p.name == "selftest.cu" for p in SOURCES)
+    assert {"xent.cu", "elementwise.cu", "reduce.cu"} <= {p.name for p in kernel_sources()}
+    # test-only device code stays out of the package
+    assert SELFTEST.is_file() and all(p.name != "selftest.cu" for p in kernel_sources())
 
 
 @needs_nvrtc
@@ -263,7 +269,7 @@ def test_a_header_only_edit_changes_the_source_text(tmp_path):
     texts = {src: device_source(src, (kdir,)) for src in kdir.glob("*.cu")}
     unrelated.write_text("// edited, still included by nobody\n")
     assert texts == {src: device_source(src, (kdir,)) for src in kdir.glob("*.cu")}
-    assert headers_digest(kdir / "selftest.cu", (kdir,)) in texts[kdir / "selftest.cu"]
+    assert headers_digest(kdir / "xent.cu", (kdir,)) in texts[kdir / "xent.cu"]
 
 
 _FAKE_CUPY = """
@@ -321,7 +327,7 @@ def test_cli_kernels_prints_every_entry(capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[1].split()[:3] == ["kernel", "arch", "regs"]
-    for path in SOURCES:
+    for path in kernel_sources():
         for name in _compiled(path, "sm_90").entry_points:
             row = next((ln for ln in lines if ln.split()[:2] == [name, "sm_90"]), None)
             assert row is not None, f"{name} missing from the table:\n{out}"
@@ -656,7 +662,7 @@ def test_online_softmax_logsumexp(host, dtype):
 @pytest.fixture(scope="module")
 def selftest_module():
     emulated = pytest.importorskip("gpuloss.backends.emulated")
-    return emulated.EmulatedModule(sources=[kernels_dir() / "selftest.cu"])
+    return emulated.EmulatedModule(sources=[SELFTEST])
 
 
 def _storage_dtypes():
@@ -718,7 +724,7 @@ def test_device_conversions_match_bit_paths():
     import cupy as cp
 
     # device_source, as the cuda backend: CuPy's cache then sees header edits too
-    mod = cp.RawModule(code=device_source(kernels_dir() / "selftest.cu"),
+    mod = cp.RawModule(code=device_source(SELFTEST, (kernels_dir(),)),
                        options=("--std=c++17", f"--include-path={kernels_dir()}"), backend="nvrtc")
     rng = np.random.default_rng(6)
     f = np.concatenate([rng.integers(0, 2**32, 1 << 21, dtype=np.uint64).astype(np.uint32).view(np.float32),

@@ -9,9 +9,9 @@ cuLaunchKernel-style arguments. :class:`EmulatedModule` is the counterpart of
 ``cupy.RawModule`` and :class:`EmulatedKernel` of ``cupy.RawKernel``: the shared
 launch code calls both the same way, with NumPy arrays in place of CuPy ones.
 
->>> mod = default_module()                                  # doctest: +SKIP
->>> k = mod.get_function("selftest_row_reduce_f32")         # doctest: +SKIP
->>> k((rows,), (128,), (x, out, np.int64(rows), np.int64(cols)))  # doctest: +SKIP
+>>> mod = EmulatedModule(sources=["scale.cu"])               # doctest: +SKIP
+>>> k = mod.get_function("scale_f32")                         # doctest: +SKIP
+>>> k((4,), (128,), (x, y, np.int64(x.size), np.float32(2)))  # doctest: +SKIP
 
 Builds are cached by a SHA-256 of every source, the flags and the compiler's
 version, in ``$GPULOSS_CACHE_DIR`` (default ``~/.cache/gpuloss/emulator``).
