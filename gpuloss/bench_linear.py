@@ -49,6 +49,8 @@ class LinearRow(Row):
     torch_chunked_rss_mb: float | None = None
     chunk_bytes: int | None = None
     memory_ratio_vs_naive: float | None = None  # gpuloss RSS / torch naive RSS (target <= 1/8)
+    gradients_mb: float | None = None  # d_input + d_weight: outputs every method allocates
+    memory_ratio_excl_gradients: float | None = None  # the same ratio with gradients_mb taken off both
     time_ratio_vs_naive: float | None = None  # gpuloss / torch naive (target <= 1.1)
     time_ratio_vs_chunked: float | None = None  # gpuloss / torch chunked (target <= 1)
 
@@ -201,8 +203,11 @@ def bench_linear(shape, repeats: int = 3, *, torch=None, chunk_bytes: int | None
         for method in METHODS if torch is not None else ("gpuloss",):
             say(f"{shape}: {method} peak RSS (fresh process)")
             setattr(row, f"{method}_rss_mb", fresh_process_peak_rss_mb(method, shape, chunk_bytes, threads))
+        row.gradients_mb = (N * H + V * H) * 4 / 2**20
         if row.torch_naive_rss_mb:
             row.memory_ratio_vs_naive = row.gpuloss_rss_mb / row.torch_naive_rss_mb
+            row.memory_ratio_excl_gradients = ((row.gpuloss_rss_mb - row.gradients_mb)
+                                               / (row.torch_naive_rss_mb - row.gradients_mb))
     return row
 
 
@@ -212,16 +217,18 @@ def _f(v, spec=".1f"):
 
 def markdown_rows(rows) -> str:
     """The table of the linear case (times in ms, memory in MiB)."""
-    lines = ["| shape (N, H, V) | gpuloss ms | torch naive ms | torch chunked ms | gpuloss / naive | "
+    lines = ["| shape (N, H, V) | chunk MiB | gpuloss ms | torch naive ms | torch chunked ms | gpuloss / naive | "
              "gpuloss / chunked | gpuloss GFLOP/s | gpuloss tracemalloc MiB | gpuloss RSS MiB | torch naive RSS MiB | "
-             "torch chunked RSS MiB | gpuloss RSS / naive RSS |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "torch chunked RSS MiB | gradients MiB | gpuloss / naive RSS | same, gradients off both |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {tuple(r.shape)} | {r.gpuloss_ms:.0f} | {_f(r.torch_ms, '.0f')} | "
+        lines.append(f"| {tuple(r.shape)} | {_f(r.chunk_bytes and r.chunk_bytes / 2**20, '.0f')} | "
+                     f"{r.gpuloss_ms:.0f} | {_f(r.torch_ms, '.0f')} | "
                      f"{_f(r.torch_chunked_ms, '.0f')} | {_f(r.time_ratio_vs_naive, '.2f')} | "
                      f"{_f(r.time_ratio_vs_chunked, '.2f')} | {_f(r.gflops)} | {_f(r.gpuloss_tracemalloc_mb)} | "
                      f"{_f(r.gpuloss_rss_mb)} | {_f(r.torch_naive_rss_mb)} | {_f(r.torch_chunked_rss_mb)} | "
-                     f"{_f(r.memory_ratio_vs_naive, '.3f')} |")
+                     f"{_f(r.gradients_mb)} | {_f(r.memory_ratio_vs_naive, '.3f')} | "
+                     f"{_f(r.memory_ratio_excl_gradients, '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
