@@ -48,6 +48,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from gpuloss import _paths
+from gpuloss._atomic import write_atomically
 
 __all__ = [
     "EmulatedModule", "EmulatedKernel", "EmulatorBuildError", "EmulatorCacheWarning", "EmulatorLaunchError",
@@ -288,33 +289,6 @@ def _record_path(lib: Path) -> Path:
     return lib.with_suffix(".json")
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same folder + fsync + os.replace: readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f"tmp-{_owner()}-", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 _ABSENT = "is absent"
 
 
@@ -394,9 +368,11 @@ def _compile(sources: Sequence[Path], flags: Sequence[str], cxx: str, out: Path,
                   "sources": [str(s) for s in sources]}
         # Library, then record, each atomically; a reader that catches them
         # half-way sees a mismatch and waits for this build under the lock.
-        _write_atomically(out, data)
-        _write_atomically(_record_path(out), json.dumps(record, indent=1).encode())
-        _fsync_dir(out.parent)
+        # Named tmp-<owner>-*: a killed writer's leftover is recognised and removed by a later build.
+        write_atomically(out, lambda f: f.write(data), prefix=f"tmp-{_owner()}-", suffix=".part")
+        record_bytes = json.dumps(record, indent=1).encode()
+        write_atomically(_record_path(out), lambda f: f.write(record_bytes), prefix=f"tmp-{_owner()}-",
+                         suffix=".part")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -22,12 +22,10 @@ step, exp, inv, multistep, poly, sigmoid.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import hashlib
 import math
 import numbers
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -36,6 +34,7 @@ import numpy as np
 from numba import njit
 
 from . import proto
+from .._atomic import write_atomically
 from .layer import GraphError, finite_number
 
 __all__ = ["SolverConfig", "Solver", "SGDSolver", "AdamSolver", "solver_from_prototxt", "make_solver",
@@ -428,50 +427,6 @@ def read_snapshot(path: str) -> dict:
     if str(stored) != _checksum(arrays):
         raise bad("checksum mismatch: the file is damaged (changed bytes or a partial write)")
     return arrays
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return   # some platforms cannot open a folder; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()   # what open() would give; mkstemp makes 0600
-
-
-def write_atomically(path: str | os.PathLike, write) -> None:
-    """Call ``write(fh)`` on a temporary file beside ``path``, fsync it, rename it over ``path``, fsync
-    the folder. ``path`` is always the old file or the whole new one; the temporary file is removed
-    on any exception (KeyboardInterrupt included)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
 
 
 def _host_dtype(a):
