@@ -383,6 +383,27 @@ template <class A> GPULOSS_DEVICE void softmax_update(SoftmaxState<A>& st, A x) 
   }
 }
 
+// softmax_update, also keeping rest = the sum over the elements with `counted`
+// (every class but the target) under the same running max: a confident row's
+// tiny loss is then log1p(rest), exact (xent.cu, vocab_parallel.cu).
+template <class A>
+GPULOSS_DEVICE void softmax_update_rest(SoftmaxState<A>& st, A& rest, A x, bool counted) {
+  if (x > st.max) {
+    const A scale = softmax_scale(st.max, x);
+    st.sum = st.sum * scale + A(1);
+    rest = rest * scale + (counted ? A(1) : A(0));
+    st.max = x;
+  } else if (!is_nan(x)) {
+    const A e = softmax_scale(x, st.max);
+    st.sum += e;
+    if (counted) rest += e;
+  } else {
+    st.max = x;
+    st.sum = x;
+    rest = x;
+  }
+}
+
 template <class A> GPULOSS_DEVICE SoftmaxState<A> softmax_combine(SoftmaxState<A> a, SoftmaxState<A> b) {
   SoftmaxState<A> r;
   r.max = max_nan(a.max, b.max);

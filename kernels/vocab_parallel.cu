@@ -62,25 +62,6 @@ template <class A> GPULOSS_DEVICE gl::SoftmaxState<A> vp_block_softmax(gl::Softm
   return gl::block_reduce_softmax(st, scratch);
 }
 
-// gl::softmax_update, also keeping rest = the sum over the elements with `counted`.
-template <class A>
-GPULOSS_DEVICE void vp_update(gl::SoftmaxState<A>& st, A& rest, A x, bool counted) {
-  if (x > st.max) {
-    const A scale = gl::softmax_scale(st.max, x);
-    st.sum = st.sum * scale + A(1);
-    rest = rest * scale + (counted ? A(1) : A(0));
-    st.max = x;
-  } else if (!gl::is_nan(x)) {
-    const A e = gl::softmax_scale(x, st.max);
-    st.sum += e;
-    if (counted) rest += e;
-  } else {
-    st.max = x;
-    st.sum = x;
-    rest = x;
-  }
-}
-
 template <class T>
 __device__ void vp_stats(const T* x, index_t rows, index_t V, index_t start, const int64_t* y,
                          const gl::acc_t<T>* cw, int has_cw, int has_ignore, int64_t ignore_index, int want_gap,
@@ -101,7 +82,8 @@ __device__ void vp_stats(const T* x, index_t rows, index_t V, index_t start, con
     const T* xr = x + n * V;
     gl::SoftmaxState<A> st = gl::softmax_empty<A>();
     A rest = A(0);
-    gll::visit_row(xr, V, 1, rank, size, [&](index_t c, A v) { vp_update(st, rest, vp_cap(v, softcap), c != skip); });
+    gll::visit_row(xr, V, 1, rank, size,
+                   [&](index_t c, A v) { gl::softmax_update_rest(st, rest, vp_cap(v, softcap), c != skip); });
     const A m_thread = st.max;
     st = vp_block_softmax(st);
     const A m = st.max;

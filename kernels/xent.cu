@@ -138,26 +138,6 @@ struct SoloGroup {
   template <class A> GPULOSS_DEVICE gl::SoftmaxState<A> softmax(gl::SoftmaxState<A> st) const { return st; }
 };
 
-// gl::softmax_update, also keeping rest = the sum over the elements with
-// `counted` (every class but the target) under the same running max.
-template <class A>
-GPULOSS_DEVICE void softmax_update_rest(gl::SoftmaxState<A>& st, A& rest, A x, bool counted) {
-  if (x > st.max) {
-    const A scale = gl::softmax_scale(st.max, x);
-    st.sum = st.sum * scale + A(1);
-    rest = rest * scale + (counted ? A(1) : A(0));
-    st.max = x;
-  } else if (!gl::is_nan(x)) {
-    const A e = gl::softmax_scale(x, st.max);
-    st.sum += e;
-    if (counted) rest += e;
-  } else {
-    st.max = x;
-    st.sum = x;
-    rest = x;
-  }
-}
-
 // One measurement n whose classes sit at base + c * stride. Every member of
 // the group calls this with the same n (and `active`: false for the padding
 // lanes of a warp past the last row, which still take part in the shuffles).
@@ -201,7 +181,7 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool 
     } else {
       const bool sum_cw = smoothing && a.has_cw;
       gll::visit_row(xr, C, stride, rank, size, [&](index_t c, A v) {
-        softmax_update_rest(st, rest, a.cap(v), c != yn);
+        gl::softmax_update_rest(st, rest, a.cap(v), c != yn);
         if (sum_cw) extra += a.cw[c];
       });
     }

@@ -182,6 +182,25 @@ def _row_max_and_log_sum_exp(x, n, classes):
 
 
 @njit(inline="always")
+def index_row_terms(nll, smooth_sum, lse, cw_y, eps, smooth_coef, w, z_loss, grad_scale):
+    """The per-row numbers of cross entropy with a class-index target, written once for every cpu
+    kernel (the float64 and float32 row kernels here, the vocabulary-parallel finish in cpu_vocab).
+
+    ``nll`` = -logp_y, ``smooth_sum`` = sum_c cw_c (-logp_c), ``lse`` = logsumexp of the row.
+    Returns ``(L, z, a, b, zc)``: the weighted loss w l + z with
+    l = (1-eps) cw_y nll + eps/C smooth_sum (PyTorch CrossEntropyLoss docs) and
+    z = w cw_y z_loss lse^2 (PaLM §5), and the gradient coefficients
+    dL/dx_c (times grad_scale) = (a + b sum(cw) + zc) p_c - b cw_c - a [c = y].
+    """
+    loss = (1.0 - eps) * cw_y * nll
+    if eps != 0.0:
+        loss += smooth_coef * smooth_sum
+    z = w * cw_y * z_loss * lse * lse if z_loss != 0.0 else 0.0
+    g = grad_scale * w
+    return w * loss + z, z, g * (1.0 - eps) * cw_y, g * smooth_coef, g * cw_y * 2.0 * z_loss * lse
+
+
+@njit(inline="always")
 def _invalid_row(n, want_grad, want_z, loss_out, z_out, grad_out):
     """A target outside [0, C) (only reached with validate=False): NaN, and no read out of bounds."""
     loss_out[n] = np.nan
@@ -222,21 +241,15 @@ def _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, z_loss, grad_sca
     # s is NaN for an all -inf row (-inf - -inf): that row must not take the log1p branch (log(1) = 0).
     nll = math.log1p(rest) if x_y == m and s == s else (m - x_y) + log_s
     cw_y = class_weight[yn]
-    loss = (1.0 - eps) * cw_y * nll
+    smooth = 0.0
     if eps != 0.0:
-        smooth = 0.0
         for c in range(classes):
             smooth += class_weight[c] * ((m - x[n, c]) + log_s)
-        loss += (eps / classes) * smooth
-    z = w_row[n] * cw_y * z_loss * lse * lse if z_loss != 0.0 else 0.0
-    loss_out[n] = w_row[n] * loss + z
+    loss_out[n], z, a, b, zc = index_row_terms(nll, smooth, lse, cw_y, eps, eps / classes, w_row[n], z_loss,
+                                               grad_scale)
     if want_z:
         z_out[n] = z
     if want_grad:
-        g = grad_scale * w_row[n]
-        a = g * (1.0 - eps) * cw_y
-        b = g * (eps / classes)
-        zc = g * cw_y * 2.0 * z_loss * lse
         for c in range(classes):
             p = math.exp((x[n, c] - m) - log_s)
             grad_out[n, c] = (a + b * cw_sum + zc) * p - b * class_weight[c]
@@ -399,18 +412,13 @@ def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, has_igno
         # -logp_y = (m - x_y) + log s; when y holds the max, e_y = 1 and it is log1p(rest), exact for tiny losses.
         nll = math.log1p(rest) if row[yn] == m else (m - row[yn]) + log_s
         cw_y = class_weight[yn]
-        loss = (1.0 - eps) * cw_y * nll
-        if eps != 0.0:  # sum_c cw_c (-logp_c) = sum_c cw_c (m - x_c) + sum(cw) log s
-            loss += smooth_coef * (_row_weighted_gap(row, class_weight, m) + cw_sum * log_s)
-        z = w_row[n] * cw_y * z_loss * lse * lse if z_loss != 0.0 else 0.0
-        loss_out[n] = w_row[n] * loss + z
+        # sum_c cw_c (-logp_c) = sum_c cw_c (m - x_c) + sum(cw) log s
+        smooth = _row_weighted_gap(row, class_weight, m) + cw_sum * log_s if eps != 0.0 else 0.0
+        loss_out[n], z, a, b, zc = index_row_terms(nll, smooth, lse, cw_y, eps, smooth_coef, w_row[n], z_loss,
+                                                   grad_scale)
         if want_z:
             z_out[n] = z
         if want_grad:
-            g = grad_scale * w_row[n]
-            a = g * (1.0 - eps) * cw_y
-            b = g * smooth_coef
-            zc = g * cw_y * 2.0 * z_loss * lse  # d (z_loss lse^2) / d x_c = 2 z_loss lse p_c
             _row_finish_grad(grad_out[n], np.float32((a + b * cw_sum + zc) / s), np.float32(b), class_weight,
                              has_class_weight)
             # a (p_y - 1) = -a rest / s: no cancellation when p_y is close to 1.

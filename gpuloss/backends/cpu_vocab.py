@@ -37,7 +37,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .cpu import _row_max_vec, _row_sum_exp_except, _row_weighted_gap
+from .cpu import _row_max_vec, _row_sum_exp_except, _row_weighted_gap, index_row_terms
 from .cpu_math import exp_nonpositive
 
 REST, XY, GAP = 0, 1, 2
@@ -217,18 +217,12 @@ def _make_finish_kernel(vec: bool):
             lse = m + log_s
             nll = math.log1p(rest) if xy == m else (m - xy) + log_s
             cw_y = cw[yn] if 0 <= yn < classes else np.nan
-            loss = (1.0 - eps) * cw_y * nll
-            if eps != 0.0:
-                loss += uniform * (np.float64(packed[n, 2]) + cw_total * log_s)
-            z = w_row[n] * cw_y * z_loss * lse * lse if z_loss != 0.0 else 0.0
-            loss_out[n] = w_row[n] * loss + z
+            smooth = np.float64(packed[n, 2]) + cw_total * log_s if eps != 0.0 else 0.0
+            loss_out[n], z, a, b, zc = index_row_terms(nll, smooth, lse, cw_y, eps, uniform, w_row[n], z_loss,
+                                                       grad_scale)
             if want_z:
                 z_out[n] = z
             if want_grad:
-                g = grad_scale * w_row[n]
-                a = g * (1.0 - eps) * cw_y
-                b = g * uniform
-                zc = g * cw_y * 2.0 * z_loss * lse
                 coef = a + b * cw_total + zc
                 if vec and -np.inf < m < np.inf and s == s:
                     _grad_row_f32(x[n], grad_out[n], np.float32(m), np.float32(coef / s), np.float32(b),
