@@ -302,7 +302,7 @@ def run_benchmarks(args, results: dict) -> None:
                                 "storage through the same launch code")
 
     results["notes"].append("gpuloss cross entropy timed with validate=False: validate=True adds one host "
-                            "synchronisation per call (SPEC §7); torch checks targets on the device")
+                            "synchronisation per call (docs/api.md §4.3); torch checks targets on the device")
 
     def copy_gbps(nbytes: int) -> float:
         """Device copy bandwidth moving `nbytes` in all (nbytes/2 read, nbytes/2 written), as a loss kernel does."""

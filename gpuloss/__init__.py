@@ -1,6 +1,6 @@
 """gpuloss: training losses as hand-written CUDA kernels, with Numba twins for the CPU.
 
-The public names are the loss functions of SPEC §2, ``Reduction``, the float64
+The public names are the loss functions of docs/api.md §2, ``Reduction``, the float64
 oracle ``reference`` and the layer graph (``Net``, solvers).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The small immutable plans a backend receives (DESIGN §1).
+"""The small immutable plans a backend receives (docs/design.md §1).
 
 A plan holds everything a backend needs that is not array data: sizes,
 dtypes, flags and scalar parameters, all checked already.  Backends never
@@ -16,7 +16,7 @@ from ._validate import Reduction, is_bfloat16
 
 @dataclass(frozen=True)
 class DtypePlan:
-    """SPEC §3: 16-bit inputs compute and return the loss in float32; grad keeps the input dtype."""
+    """docs/api.md §3.1: 16-bit inputs compute and return the loss in float32; grad keeps the input dtype."""
 
     input: np.dtype
     compute: np.dtype
@@ -54,7 +54,7 @@ class ReducePlan:
 
 @dataclass(frozen=True)
 class CrossEntropyPlan:
-    """Softmax cross entropy over ``classes`` on one axis (SPEC §2.1).
+    """Softmax cross entropy over ``classes`` on one axis (docs/api.md §2.1).
 
     Logits are seen as ``[outer, classes, inner]`` (C-order); measurement
     ``n = o * inner + i`` owns the classes at ``o*classes*inner + c*inner + i``.
@@ -93,7 +93,7 @@ ELEMENTWISE_LOSSES = tuple(name for name in ELEMENTWISE_KIND if name != "identit
 
 @dataclass(frozen=True)
 class ElementwisePlan:
-    """A loss of one element of pred and target (SPEC §2.2).
+    """A loss of one element of pred and target (docs/api.md §2.2).
 
     ``param`` is the loss's one scalar: label_smoothing (sigmoid_cross_entropy),
     epsilon (log_loss), delta (huber), beta (smooth_l1); unused otherwise.
@@ -110,7 +110,7 @@ class ElementwisePlan:
 
 @dataclass(frozen=True)
 class CosinePlan:
-    """``1 - sum(pred * target, axis)`` over rows of length ``length`` (SPEC §2.2), axis kept."""
+    """``1 - sum(pred * target, axis)`` over rows of length ``length`` (docs/api.md §2.2), axis kept."""
 
     dtypes: DtypePlan
     reduce: ReducePlan

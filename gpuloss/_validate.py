@@ -1,4 +1,4 @@
-"""Argument checks and their error messages, written once (SPEC §7).
+"""Argument checks and their error messages, written once (docs/api.md §4).
 
 Every message names the argument, what was expected and what came.  Nothing
 here copies or modifies an input array.
@@ -15,7 +15,7 @@ from .backends import BACKEND_NAMES, forced_backend_name, get_backend, is_cupy_a
 
 
 class Reduction(str, enum.Enum):
-    """How per-measurement losses become one number (SPEC §2.3).
+    """How per-measurement losses become one number (docs/api.md §2.3.4).
 
     The values are the strings the functions accept; the comments give the
     names the same rule has elsewhere.
@@ -214,7 +214,7 @@ def array_module(named_arrays: dict, backend: str | None):
 
 def weight_layout(name: str, weight, loss_shape: tuple, xp, dtype, hint: str = ""):
     """Express ``weight`` against the loss as ``(values, block)``: element ``i`` of the
-    flattened loss has weight ``values[i // block]`` (SPEC §2.3).
+    flattened loss has weight ``values[i // block]`` (docs/api.md §2.3.1).
 
     Accepted: None (all ones), a scalar, an array whose shape is a leading prefix
     of the loss shape (TensorFlow's per-sample weights), or an array of the loss's

@@ -81,7 +81,7 @@ def _shape_error(name: str, expected: str, got) -> ValueError:
 
 
 def _check_shapes(x, W, b, target):
-    """(lead shape, N, H, V, index_target) after the shape checks of SPEC §7 (names and shapes in every message)."""
+    """(lead shape, N, H, V, index_target) after the shape checks of docs/api.md §4 (names and shapes in every message)."""
     if x.ndim == 0:
         raise ValueError("input must have a feature axis: shape [H] or [..., H]; got a 0-d array")
     H = x.shape[-1]

@@ -1,4 +1,4 @@
-"""The public loss functions (SPEC §2): check the arguments, build a plan, call the backend.
+"""The public loss functions (docs/api.md §2): check the arguments, build a plan, call the backend.
 
 Every function takes NumPy arrays (``cpu`` backend, or ``emulated``) or CuPy
 arrays (``cuda``) and returns results on the same device.  With
@@ -193,7 +193,7 @@ def _pos_weight_layout(pos_weight, shape: tuple, xp, dtype):
 @v.torch_spelling_hints
 def sigmoid_cross_entropy(logits, target, *, weight=None, pos_weight=None, label_smoothing: float = 0.0,
                           reduction: str = "mean", return_grad: bool = False, backend: str | None = None):
-    """Binary cross entropy on logits (SPEC §2.2), stable for any |x|.
+    """Binary cross entropy on logits (docs/api.md §2.2), stable for any |x|.
 
     ``t' = t*(1-eps) + eps/2``; ``l = max(x,0) - x*t' + log1p(exp(-|x|))``; with
     ``pos_weight`` p (broadcast like PyTorch, usually one per class of the last

@@ -1,4 +1,4 @@
-"""Float64 NumPy rendering of every formula in SPEC §2: the oracle of the tests.
+"""Float64 NumPy rendering of every formula in docs/api.md §2: the oracle of the tests.
 
 Each function takes the arguments of its namesake in ``gpuloss`` (NumPy arrays,
 valid input assumed) and returns ``(loss, grad)`` in float64, where ``grad`` is
@@ -21,7 +21,7 @@ def _f64(a):
 
 
 def broadcast_weight(weight, loss_shape) -> np.ndarray:
-    """SPEC §2.3: scalar, leading-prefix shape, or same-rank broadcast -> full loss shape."""
+    """docs/api.md §2.3.1: scalar, leading-prefix shape, or same-rank broadcast -> full loss shape."""
     if weight is None:
         return np.ones(loss_shape)
     w = _f64(weight)
@@ -47,7 +47,7 @@ def _reduce(L, w, reduction, grad_of_L=None):
         denom = float(L.shape[0]) if L.ndim else 1.0
     else:
         raise ValueError(f"unknown reduction {reduction!r}")
-    if denom == 0.0:  # SPEC §2.3: nothing to average -> 0 loss, 0 grad
+    if denom == 0.0:  # docs/api.md §2.3.2: nothing to average -> 0 loss, 0 grad
         return np.float64(0.0), None if grad_of_L is None else np.zeros_like(grad_of_L)
     return np.float64(np.sum(L) / denom), None if grad_of_L is None else grad_of_L / denom
 

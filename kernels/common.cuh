@@ -87,7 +87,7 @@ static_assert(sizeof(int64_t) == 8 && sizeof(uint16_t) == 2, "fixed-width typede
 // 262144-class vocabulary is 2^32 elements, past int32 (and a signed
 // overflow is undefined behaviour, so it would not even wrap predictably).
 // Signed, so `i - 1` and differences behave; per-row column indices may stay
-// int32 since C itself fits (SPEC: C <= 262144).
+// int32 since C itself fits (docs/api.md §3.2: C <= 262144).
 typedef int64_t index_t;
 
 // Enumerators, not constexpr variables: NVRTC emits a namespace-scope
@@ -268,7 +268,7 @@ GPULOSS_DEVICE float double_to_float_round_odd(double d) {
 
 // ---------------------------------------------------------------------------
 // Typed load/store layer: kernels are templates over the storage type T and
-// compute in acc_t<T>: float for 16/32-bit storage, double for double (SPEC §3).
+// compute in acc_t<T>: float for 16/32-bit storage, double for double (docs/api.md §3.1).
 // f16_t / bf16_t are one-word structs, so a pointer to them has the layout of
 // a CuPy/NumPy float16 (or bfloat16) array.
 template <class T> struct storage;
@@ -339,7 +339,7 @@ GPULOSS_DEVICE double log1p(double x) { return ::log1p(x); }
 GPULOSS_DEVICE float tanh(float x) { return ::tanhf(x); }
 GPULOSS_DEVICE double tanh(double x) { return ::tanh(x); }
 
-// max that propagates NaN (fmaxf drops it): SPEC §3 wants a NaN in a row to
+// max that propagates NaN (fmaxf drops it): docs/api.md §3.4 wants a NaN in a row to
 // reach that row's loss, never a silent number.
 template <class A> GPULOSS_DEVICE A max_nan(A a, A b) { return (a > b || is_nan(a)) ? a : b; }
 template <class A> GPULOSS_DEVICE A min_nan(A a, A b) { return (a < b || is_nan(a)) ? a : b; }
@@ -418,7 +418,7 @@ template <class A> GPULOSS_DEVICE A softmax_logsumexp(SoftmaxState<A> st) { retu
 // ---------------------------------------------------------------------------
 // Warp and block reductions.
 //
-// Determinism (SPEC §3): the butterfly pairs lanes in a fixed pattern, and
+// Determinism (docs/api.md §3.3): the butterfly pairs lanes in a fixed pattern, and
 // both partners evaluate op(lower lane's value, upper lane's value), so every
 // lane ends with bitwise the same result even for a non-commutative combine
 // (softmax_combine is not bitwise symmetric once a*b + c*d is contracted to

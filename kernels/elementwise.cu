@@ -1,4 +1,4 @@
-// elementwise.cu — the element-wise losses of SPEC §2.2 with their gradients,
+// elementwise.cu — the element-wise losses of docs/api.md §2.2 with their gradients,
 // weighted_reduce, and cosine distance; pass 1 of their deterministic
 // reductions.
 //
@@ -15,7 +15,7 @@
 //   hinge        y = 2t - 1, max(0, 1 - y x)                        (TF hinge_loss)
 //   identity     l = x (weighted_reduce)
 //   cosine       l[n] = 1 - sum_k p[n,k] t[n,k], dl/dp = -t           (TF cosine_distance)
-// Per element: L = w l with w = values[i / block] (SPEC §2.3); grad =
+// Per element: L = w l with w = values[i / block] (docs/api.md §2.3.1); grad =
 // (scal[1] w) dl/dx where scal[1] = 1/denominator was written on the device
 // by reduce.cu, so no host round trip sits between the passes.
 //

@@ -5,9 +5,9 @@
 //                                dispatches on: P == T, or P == acc_t<T> when the
 //                                target came in another dtype (host casts it to
 //                                the compute dtype, as the cpu backend does)
-//   * weight_at                   the (values, block) weight layout of SPEC §2.3:
+//   * weight_at                   the (values, block) weight layout of docs/api.md §2.3.1:
 //                                element i has weight values[i / block]
-//   * elementwise_loss<KIND>      (loss, d loss / dx) of one element, SPEC §2.2;
+//   * elementwise_loss<KIND>      (loss, d loss / dx) of one element, docs/api.md §2.2;
 //                                the twin of gpuloss/backends/cpu.py _elementwise_loss
 //   * Pack16 / row visitors       16-byte vector loads and stores over one row,
 //                                with a scalar head and tail for any alignment
@@ -48,7 +48,7 @@ enum : int {
   kHinge = 7,
 };
 
-// Reduction modes of the denominator (SPEC §2.3), see reduce.cu.
+// Reduction modes of the denominator (docs/api.md §2.3.2), see reduce.cu.
 enum : int {
   kDenomConstant = 0,  // none, sum, sum_over_batch_size, batch_size, empty input
   kDenomWeightSum = 1,  // mean: sum(w)

@@ -1,5 +1,5 @@
 // reduce.cu — deterministic two-pass reductions and the on-device denominators
-// of SPEC §2.3.
+// of docs/api.md §2.3.
 //
 // Math. With per-measurement weights w and weighted losses L:
 //   none / sum: divisor 1; mean: sum(w) (PyTorch's weighted mean, TF MEAN);
@@ -17,7 +17,7 @@
 // scal = {denominator, 1/denominator or 0} to device memory and the fused loss
 // kernels read scal[1].
 //
-// Determinism (SPEC §3): pass 1 gives every block a fixed, grid-strided slice
+// Determinism (docs/api.md §3.3): pass 1 gives every block a fixed, grid-strided slice
 // and writes one float64 partial per block (no atomics); pass 2 is one block
 // whose threads read the partials at fixed strides and reduce them with the
 // fixed tree of gl::block_reduce. The grid is chosen from the shape only
@@ -94,7 +94,7 @@ __device__ void reduce_sum(const A* x, index_t n, double* partials) {
 template <class A>
 __device__ void reduce_finish(const double* partials, index_t nparts, const double* scal, A* out) {
   const double total = sum_partials(partials, nparts);
-  // SPEC §2.3: a zero denominator gives 0 whatever the total (even NaN).
+  // docs/api.md §2.3.2: a zero denominator gives 0 whatever the total (even NaN).
   if (threadIdx.x == 0) out[0] = (A)(scal[0] == 0.0 ? 0.0 : total * scal[1]);
 }
 

@@ -1,5 +1,5 @@
 // xent.cu — fused softmax cross entropy, forward and backward in one launch
-// (SPEC §2.1); twin of gpuloss/backends/cpu.py _xent_index_kernel / _xent_prob_kernel.
+// (docs/api.md §2.1); twin of gpuloss/backends/cpu.py _xent_index_kernel / _xent_prob_kernel.
 //
 // Math. For a row x of C logits, m = max_c x_c and s = sum_c exp(x_c - m)
 // come from one online pass (Milakov & Gimelshein 2018, "Online normalizer

@@ -22,7 +22,7 @@ def loss_shape_of(name: str, shape: tuple, axis: int = -1) -> tuple:
 
 
 def make_weight(form: str, loss_shape: tuple, rng):
-    """A weight of the given form (SPEC §2.3); about a fifth of the entries are exactly 0."""
+    """A weight of the given form (docs/api.md §2.3.1); about a fifth of the entries are exactly 0."""
     def draw(shape):
         w = rng.uniform(0.1, 2.0, size=shape)
         w[rng.random(shape) < 0.2] = 0.0
@@ -71,7 +71,7 @@ def make_inputs(name: str, shape: tuple, dtype, rng, *, axis: int = -1, extreme:
 
 
 def tolerance(dtype) -> tuple[float, float]:
-    """(loss rtol, grad rtol) against the float64 reference (SPEC §3: 1e-5 for float32)."""
+    """(loss rtol, grad rtol) against the float64 reference (docs/api.md §3.2: 1e-5 for float32)."""
     dtype = np.dtype(dtype)
     if dtype == np.float64:
         return 1e-11, 1e-10

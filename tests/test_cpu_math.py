@@ -57,7 +57,7 @@ def test_maxnum_reduction_ignores_nan_and_sees_infinities(rng):
 
 @pytest.mark.parametrize("classes", [262144])
 def test_cross_entropy_float32_at_the_largest_class_count(classes, rng):
-    # SPEC §3: float32 within 1e-5 relative of float64 for C up to 262144.
+    # docs/api.md §3.2: float32 within 1e-5 relative of float64 for C up to 262144.
     logits = (rng.standard_normal((3, classes)) * 4).astype(np.float32)
     y = rng.integers(0, classes, 3)
     for reduction in ("none", "mean"):

@@ -1,4 +1,4 @@
-"""Bitwise determinism: across runs and across Numba thread counts (SPEC §3)."""
+"""Bitwise determinism: across runs and across Numba thread counts (docs/api.md §3.3)."""
 from __future__ import annotations
 
 import numba

@@ -2,7 +2,7 @@
 
 Tests the machinery that runs CUDA C on CPU threads (barriers, warp
 intrinsics, indexing, atomics, argument packing, the build cache, failure
-reports and the sanitizer proofs of DESIGN §3) with the small kernels of
+reports and the sanitizer proofs of docs/design.md §7.3) with the small kernels of
 tests/kernels/, not any loss. Every launch here is at most 256 threads per
 block and a few blocks: emulated threads are OS threads.
 """
@@ -378,7 +378,7 @@ def test_sanitized_build_refuses_to_load_without_its_runtime(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Sanitizer proofs (DESIGN §3). A subprocess per run: TSan/ASan must be
+# Sanitizer proofs (docs/design.md §7.3). A subprocess per run: TSan/ASan must be
 # preloaded before the interpreter starts, which run_sanitized arranges.
 
 _SHIFT = """

@@ -382,7 +382,7 @@ def test_time_reports_every_layer():
 
 def test_emulated_backend_trains_the_same_as_cpu():
     """The graph does not care which backend runs the losses: the CUDA kernels compiled for the host
-    (SPEC §6 "emulated") give the cpu backend's numbers."""
+    (docs/design.md §2.3 "emulated") give the cpu backend's numbers."""
     from gpuloss.graph import SGDSolver
     rng = np.random.default_rng(12)
     x, y, t = rng.standard_normal((6, 4)), rng.integers(0, 3, 6), rng.standard_normal((6, 3))

@@ -2,7 +2,7 @@
 
 Four groups:
 * every kernels/*.cu compiles with NVRTC for sm_70 / sm_80 / sm_90, the
-  ptxas report parses, and sm_90 has no spills (DESIGN §2: zero spills);
+  ptxas report parses, and sm_90 has no spills (docs/design.md §3.1: zero spills);
   each (file, arch) is compiled once per run (nvrtc.compile_file keeps its
   results), and every test here that needs one shares it;
 * the source text NVRTC and CuPy are handed carries a digest of every
@@ -138,7 +138,7 @@ def test_kernel_compiles_and_reports_resources(path, arch):
     for r in rows:
         assert r.registers > 0, r
         assert r.arch == arch and r.source == path.name
-    # DESIGN §2: entry points are found by plain names with a dtype suffix.
+    # docs/design.md §3.1: entry points are found by plain names with a dtype suffix.
     text = path.read_text()
     for name in res.entry_points:
         assert "GPULOSS_REGISTER" in text, f"{path.name}: entry points must be registered for the emulator"
@@ -151,7 +151,7 @@ def test_no_spills_at_sm90(path):
     res = _compiled(path, "sm_90")
     entries, functions = nvrtc.parse_ptxas_log(res.log)
     spilled = {name: f for name, f in functions.items() if f["spill_stores"] or f["spill_loads"]}
-    assert not spilled, f"{path.name} spills at sm_90 (DESIGN §2: zero spills is the rule): {spilled}"
+    assert not spilled, f"{path.name} spills at sm_90 (docs/design.md §3.1: zero spills is the rule): {spilled}"
     assert set(entries) == set(res.entry_points)
 
 

@@ -36,7 +36,7 @@ def test_cross_entropy_index_targets(shape, axis, options, reduction, backend, r
     y = rng.integers(0, C, size=shape[:axis] + shape[axis + 1:])
     ignore = options.get("ignore_index", -100)
     y[rng.random(y.shape) < 0.2] = ignore
-    y.flat[0] = (ignore + 1) % C  # torch's mean over an all-ignored batch is NaN; ours is 0 (SPEC §2.3)
+    y.flat[0] = (ignore + 1) % C  # torch's mean over an all-ignored batch is NaN; ours is 0 (docs/api.md §5)
     cw = rng.uniform(0.2, 2.0, C) if options.get("weight") else None
     eps = options.get("label_smoothing", 0.0)
     ours = run_loss("softmax_cross_entropy", (x, y), {"axis": axis, "class_weight": cw, "ignore_index": ignore,
@@ -102,7 +102,7 @@ def test_regression_losses(ours_name, torch_fn, kw, torch_kw, reduction, backend
 
 
 def test_all_ignored_mean_is_zero_where_torch_gives_nan(rng):
-    # The one documented departure: SPEC §2.3 makes an empty mean 0 (loss and grad), never NaN.
+    # The one documented departure: docs/api.md §5 makes an empty mean 0 (loss and grad), never NaN.
     x = rng.standard_normal((4, 5))
     y = np.full(4, -100)
     ours = run_loss("softmax_cross_entropy", (x, y), {}, "cpu")

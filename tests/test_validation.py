@@ -1,4 +1,4 @@
-"""SPEC §7: every bad input raises a clear exception naming the argument."""
+"""docs/api.md §4: every bad input raises a clear exception naming the argument."""
 from __future__ import annotations
 
 import re

@@ -1,5 +1,5 @@
 """Backend selection: ``cpu`` (Numba), ``cuda`` (CuPy + kernels/*.cu), ``emulated``
-(kernels/*.cu compiled for the host).  SPEC §6.
+(kernels/*.cu compiled for the host).  docs/design.md §2.
 
 A backend object exposes ``name``, ``xp`` (the array module: numpy or cupy) and
 one method per loss family, each taking a frozen plan from ``gpuloss._plan``

@@ -1,11 +1,11 @@
-"""The ``cpu`` backend: Numba kernels over NumPy arrays (SPEC §6, DESIGN §4).
+"""The ``cpu`` backend: Numba kernels over NumPy arrays (docs/design.md §2, docs/design.md §6).
 
 Each kernel here is the host twin of a CUDA kernel in ``kernels/``: same math,
 same weights, same order of reduction across rows.  Work is split into fixed
 rows or fixed-size chunks whatever the thread count, and the final sums run
 over those partials in a fixed order, so results are bitwise identical for
 any ``numba.set_num_threads``.  Sums over classes and chunks accumulate in
-float64 (at least the float32 SPEC §3 asks for).
+float64 (at least the float32 docs/api.md §3.1 asks for).
 """
 from __future__ import annotations
 

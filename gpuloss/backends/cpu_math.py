@@ -1,4 +1,4 @@
-"""Vectorisable float32 math for the Numba kernels (DESIGN §4).
+"""Vectorisable float32 math for the Numba kernels (docs/design.md §6).
 
 Numba on a machine without SVML calls the scalar ``expf`` for ``math.exp``,
 which stops LLVM from vectorising a loop.  The pieces here are plain

@@ -1,5 +1,5 @@
 """The ``cuda`` backend: CuPy arrays, ``kernels/*.cu`` through CuPy ``RawModule``
-(NVRTC), and the launch code it shares with ``emulated`` (SPEC §6).
+(NVRTC), and the launch code it shares with ``emulated`` (docs/design.md §2).
 
 Importing this module fails with ImportError when CuPy is missing: that is
 how ``gpuloss.backends.get_backend("cuda")`` reports it.
@@ -17,7 +17,7 @@ class CudaModules:
     file, as the emulator builds them), looked up by entry-point name like one module.
 
     Options: C++17 and ``-I kernels/``, nothing else: the sources need no toolkit
-    headers (DESIGN §2), so the same text builds under NVRTC 12 and 13.
+    headers (docs/design.md §3.1), so the same text builds under NVRTC 12 and 13.
 
     The code is :func:`gpuloss._paths.device_source`, which carries a digest of
     every included header: CuPy's compile cache keys on the code and options

@@ -1,6 +1,6 @@
 """The emulated module loader: ``kernels/*.cu`` compiled for the host, run on CPU threads.
 
-DESIGN §3. The very source CuPy hands to NVRTC is built with g++ into one
+docs/design.md §5. The very source CuPy hands to NVRTC is built with g++ into one
 shared library, with ``kernels/emulator/cuda_emulator.h`` force-included to
 supply the CUDA execution model (one OS thread per CUDA thread, ``__shared__``
 per block, ``__syncthreads`` and warp shuffles through a per-launch lock), and

@@ -1,6 +1,6 @@
 """The ``emulated`` backend: the launch code of ``cuda`` over NumPy arrays, with
-``kernels/*.cu`` compiled for the host by ``gpuloss.backends.emulated`` (SPEC §6,
-DESIGN §3).
+``kernels/*.cu`` compiled for the host by ``gpuloss.backends.emulated`` (docs/design.md §2,
+docs/design.md §5).
 
 Importing this module compiles nothing: the module is built (or loaded from
 the cache) on the first launch, and a missing ``g++`` is reported then.

@@ -2,7 +2,7 @@
 
 Written against the array's own module (NumPy or CuPy), so the cpu backend and
 the launch code of cuda/emulated use one copy.  Denominators depend only on
-targets and weights (DESIGN §2), so they are computed before the loss kernels
+targets and weights (docs/design.md §3.4), so they are computed before the loss kernels
 and stay 0-d arrays on the inputs' device.
 """
 from __future__ import annotations

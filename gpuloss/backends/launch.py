@@ -1,4 +1,4 @@
-"""Launch code shared by the ``cuda`` and ``emulated`` backends (SPEC §6, DESIGN §1).
+"""Launch code shared by the ``cuda`` and ``emulated`` backends (docs/design.md §2, docs/design.md §1).
 
 One class, :class:`LaunchBackend`, turns a plan and its arrays into kernel
 launches of ``kernels/*.cu``: grid sizing, argument packing (NumPy scalar
@@ -21,7 +21,7 @@ one ``validate=True`` costs for class-index targets)::
     reduce_finish_<a>   -> the 0-d result
 
 Every block size and grid size below is a function of the shapes only, never
-of the device or of timing, so a result depends on its inputs alone (SPEC §3).
+of the device or of timing, so a result depends on its inputs alone (docs/api.md §3.3).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The layer graph (SPEC §4): Caffe-style nets, loss weights summed on the device, solvers.
+"""The layer graph (docs/graph.md §1): Caffe-style nets, loss weights summed on the device, solvers.
 
 Public names: :class:`Net`, :class:`LossTerm`, :class:`Blob`, :class:`Layer`,
 the layer types in :mod:`gpuloss.graph.layers`, the solvers (:class:`SGDSolver`,

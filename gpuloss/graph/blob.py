@@ -1,4 +1,4 @@
-"""``Blob``: a named array and its gradient, living on the backend's device (DESIGN §5)."""
+"""``Blob``: a named array and its gradient, living on the backend's device (docs/graph.md §1.2)."""
 from __future__ import annotations
 
 __all__ = ["Blob"]

@@ -1,4 +1,4 @@
-"""``gpuloss train`` and ``gpuloss time`` (SPEC §5), registered by ``register(subparsers)``."""
+"""``gpuloss train`` and ``gpuloss time`` (docs/graph.md §8), registered by ``register(subparsers)``."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,4 @@
-"""``Layer``: the contract every layer of the graph keeps (Caffe's ``Layer``, DESIGN §5).
+"""``Layer``: the contract every layer of the graph keeps (Caffe's ``Layer``, docs/graph.md §9).
 
 A layer reads ``bottom`` blobs and writes ``top`` blobs, by name:
 

@@ -1,4 +1,4 @@
-"""``Net``: an ordered list of layers exchanging named blobs (SPEC §4, DESIGN §5).
+"""``Net``: an ordered list of layers exchanging named blobs (docs/graph.md §1, docs/graph.md §2).
 
 Loss weights are Caffe's (http://caffe.berkeleyvision.org/tutorial/loss.html):
 the net's objective is ``sum over layers, tops of loss_weight * sum(top.data)``;
@@ -306,7 +306,7 @@ class Net:
 
     def _forward_layer(self, i: int) -> None:
         layer, tops = self.layers[i], self._tops[i]
-        if self._nvtx is not None:   # Nsight shows the net's structure (DESIGN §6)
+        if self._nvtx is not None:   # Nsight shows the net's structure (docs/design.md §8)
             self._nvtx.RangePush(f"{layer.name} forward")
         try:
             layer.forward(self._bottoms[i], tops)

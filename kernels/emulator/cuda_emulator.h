@@ -1,4 +1,4 @@
-// cuda_emulator.h — the CUDA execution model on host threads (DESIGN §3).
+// cuda_emulator.h — the CUDA execution model on host threads (docs/design.md §5).
 //
 // Force-included (g++ -include) before every kernels/*.cu when the emulated
 // backend builds them, so CUDA C written for NVRTC (no toolkit headers)

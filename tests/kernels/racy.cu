@@ -1,4 +1,4 @@
-// racy.cu — deliberately broken kernels, the sanitizer proofs of DESIGN §3.
+// racy.cu — deliberately broken kernels, the sanitizer proofs of docs/design.md §7.3.
 //
 //   racy_shift_unsynced(x, y, n): each thread stores x[i] in shared memory
 //       and reads its neighbour's slot with NO __syncthreads() in between:

@@ -1,4 +1,4 @@
-"""The layer types of the graph, registered by their Caffe type names (SPEC §4).
+"""The layer types of the graph, registered by their Caffe type names (docs/graph.md §3).
 
 ``layer_from_proto`` turns one Caffe ``LayerParameter`` message into a layer
 object, reading the fields every layer shares here and the layer's own

@@ -5,7 +5,7 @@ backward scales the kept gradient by the top's diff, which is the top's
 ``loss_weight`` when the net seeds it (Caffe's convention: "the loss weight is
 stored in the top's diff", http://caffe.berkeleyvision.org/tutorial/loss.html).
 
-Caffe's ``LossParameter.normalization`` maps onto gpuloss reductions (SPEC §2.3)
+Caffe's ``LossParameter.normalization`` maps onto gpuloss reductions (docs/api.md §2.3.2)
 with the logits viewed as ``(outer, C, inner)`` and the loss as ``(outer, inner)``,
 so that the loss's first axis is Caffe's ``outer_num_``:
 
