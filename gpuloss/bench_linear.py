@@ -6,8 +6,9 @@ V=128256]``, against torch's ``F.linear_cross_entropy`` with ``options=None``
 (the naive reference: the [N, V] logits and their gradient materialised) and
 with ``options=LinearCrossEntropyOptions()`` (torch's chunked path).
 
-Reported per case: the median time of ``repeats`` runs after one warm-up (all
-three in one process, the same thread count), and the peak *extra* memory of
+Reported per case: the median time of ``repeats`` rounds in which the three
+methods take turns (one process, the same thread count; gpuloss's first call
+and a small warm-up of each method are off the clock), and the peak *extra* memory of
 one call: ``tracemalloc`` for gpuloss (NumPy reports its allocations to it),
 and for all three the peak RSS of a fresh process above its RSS just before
 the call (``/proc/self/clear_refs`` resets the high-water mark after the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .benchmark import Row, median_ms
+from .benchmark import Row
 
 SHAPES = [(4096, 1024, 32000), (2048, 1024, 128256)]
 QUICK_SHAPES = [(1024, 256, 32000)]
@@ -175,28 +177,36 @@ def bench_linear(shape, repeats: int = 3, *, torch=None, chunk_bytes: int | None
     t0 = time.perf_counter()
     run()
     first_ms = (time.perf_counter() - t0) * 1e3
-    say(f"{shape}: gpuloss x{repeats}")
-    ms = median_ms(run, repeats, warmup=0)
+    # The methods take turns, one run each per round: on a shared machine the load drifts, and
+    # interleaving spreads that drift over all three instead of biasing whichever ran last.
+    methods = METHODS if torch is not None else ("gpuloss",)
+    runs = {m: run if m == "gpuloss" else runner(m, x, W, y, chunk_bytes) for m in methods}
+    samples = {m: [] for m in methods}
+    for i in range(repeats):
+        for m in methods:
+            say(f"{shape}: round {i + 1}/{repeats}: {m}")
+            t0 = time.perf_counter()
+            runs[m]()
+            samples[m].append((time.perf_counter() - t0) * 1e3)
+    med = {m: statistics.median(v) for m, v in samples.items()}
+    ms = med["gpuloss"]
     flops = 3 * 2 * N * H * V
     moved = x.nbytes * 2 + W.nbytes * 2 + y.nbytes  # read x, W; write d_x, d_W (the logits never reach memory)
     row = LinearRow(case="linear_cross_entropy fwd+bwd", shape=tuple(shape), dtype="float32", gpuloss_ms=ms,
                     first_call_ms=first_ms, bytes_moved=moved, gbps=moved / (ms * 1e-3) / 1e9,
                     gflops=flops / (ms * 1e-3) / 1e9, chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
                     notes=f"no bias; torch_ms is torch naive (options=None); torch chunked: batch_chunk_size="
-                          f"{rows_per_chunk(V, H, chunk_bytes)} (gpuloss's rows per chunk)")
+                          f"{rows_per_chunk(V, H, chunk_bytes)} (gpuloss's rows per chunk); runs in ms: "
+                          + "; ".join(f"{m} {[round(t) for t in v]}" for m, v in samples.items()))
+    if torch is not None:
+        row.torch_ms = med["torch_naive"]
+        row.speedup_vs_torch = row.torch_ms / ms
+        row.time_ratio_vs_naive = ms / row.torch_ms
+        row.torch_chunked_ms = med["torch_chunked"]
+        row.time_ratio_vs_chunked = ms / row.torch_chunked_ms
     say(f"{shape}: gpuloss tracemalloc")
     row.gpuloss_tracemalloc_mb = tracemalloc_peak_mb(run)
-    if torch is not None:
-        for method in ("torch_naive", "torch_chunked"):
-            say(f"{shape}: {method} x{repeats}")
-            t = median_ms(runner(method, x, W, y, chunk_bytes), repeats, warmup=0)
-            if method == "torch_naive":
-                row.torch_ms = t
-                row.speedup_vs_torch = t / ms
-                row.time_ratio_vs_naive = ms / t
-            else:
-                row.torch_chunked_ms = t
-                row.time_ratio_vs_chunked = ms / t
+    del runs
     del x, W, y, run
     if rss:
         threads = torch.get_num_threads() if torch is not None else 1
