@@ -42,10 +42,10 @@ __all__ = ["linear_cross_entropy", "LinearGrads", "DEFAULT_CHUNK_BYTES", "min_ch
 # The default budget of the per-chunk working set: the chunk's logits and their gradient
 # (2 x rows x V x 4 bytes in float32) and its d_input product, plus for 16-bit inputs the
 # chunk's upcast rows.  128 MiB is 524 rows of a 32000-word vocabulary, 130 rows of 128256.
-# Measured on a 2-core EPYC with NumPy's OpenBLAS (bench/results/*linear*): GEMMs over
-# fewer rows run well below the machine's peak (32 and 64 MiB took 1.3-1.8x torch's
-# unfused time at N=2048, H=1024, V=32000; 128 MiB about 1.0-1.4x, 256 MiB about 1.1x),
-# while the working set stays ~1/10 of the unfused logits' memory at that shape.
+# Measured on a 2-core EPYC with NumPy's OpenBLAS, against torch's unfused F.linear_cross_entropy
+# (bench/results/2026-11-29-linear-cpu-*): GEMMs over fewer rows run below the machine's peak
+# (64 MiB: 1.4-1.5x torch's time in one run; 128 MiB: 1.0x in the interleaved run), while
+# the working set stays about 1/10 of the unfused path's at [4096, 1024, 32000].
 DEFAULT_CHUNK_BYTES = 128 << 20
 
 LinearGrads = namedtuple("LinearGrads", ["input", "linear_weight", "linear_bias"])
