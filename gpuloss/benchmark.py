@@ -60,6 +60,8 @@ class Report:
     copy_gbps: float
     versions: dict
     rows: list = field(default_factory=list)
+    # The fused linear + cross entropy case (gpuloss.bench_linear.LinearRow: time and peak memory), with --linear.
+    linear_rows: list = field(default_factory=list)
     # Seconds for a new process to import gpuloss and make its first cross-entropy and
     # huber calls: with an empty Numba cache (compiles) and then with the cache warm.
     first_call_cold_s: float | None = None
@@ -242,7 +244,7 @@ def machine_name() -> str:
 
 
 def run_suite(quick: bool = False, backend: str = "cpu", repeats: int | None = None, progress=True,
-              command: str | None = None) -> Report:
+              command: str | None = None, linear: bool = False) -> Report:
     """Run every case. ``command`` is recorded as what was run (default: the equivalent
     ``gpuloss bench`` command line)."""
     import numba
@@ -281,6 +283,10 @@ def run_suite(quick: bool = False, backend: str = "cpu", repeats: int | None = N
         # One training step's loss through gpuloss.torch against torch's own (float32 and bfloat16).
         from .bench_torch import torch_module_rows
         report.rows.extend(torch_module_rows(quick=quick, repeats=repeats))
+    if linear and backend == "cpu":
+        # linear_cross_entropy against torch's F.linear_cross_entropy, naive and chunked (minutes)
+        from .bench_linear import run_linear_cases
+        report.linear_rows = run_linear_cases(quick=quick, repeats=repeats)
     return report
 
 
@@ -303,6 +309,10 @@ def markdown(report: Report) -> str:
                      f"{_fmt(r['speedup_vs_torch'], '.1f')}{'' if r['speedup_vs_torch'] is None else 'x'} | "
                      f"{r['gbps']:.1f} | {_fmt(r['floor_ms'], '.2f')} | {_fmt(r['vs_floor'], '.2f')} | "
                      f"{r['first_call_ms']:.0f} |")
+    if report.linear_rows:
+        from .bench_linear import markdown_rows
+        lines += ["", "Fused linear + cross entropy (time and peak memory; gpuloss.bench_linear):", "",
+                  markdown_rows(report.linear_rows).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -384,7 +394,8 @@ def main(args) -> int:
             print(f"gpuloss bench: --save {os.fspath(out_dir)!r}: {exc.strerror or exc}", file=sys.stderr)
             return 2
     try:
-        report = run_suite(quick=args.quick, backend=args.backend, repeats=args.repeats, command=command)
+        report = run_suite(quick=args.quick, backend=args.backend, repeats=args.repeats, command=command,
+                           linear=args.linear)
     except KeyboardInterrupt:
         print("gpuloss bench: interrupted; nothing written", file=sys.stderr)
         return 130
@@ -427,4 +438,6 @@ def register(subparsers) -> None:
                    help=f"folder for the results (default {default_results_dir()})")
     p.add_argument("--out", dest="save", help=argparse.SUPPRESS)   # the former name of --save
     p.add_argument("--no-save", action="store_true", help="print only, write nothing")
+    p.add_argument("--linear", action="store_true", help="also time linear_cross_entropy against torch's "
+                   "F.linear_cross_entropy with its peak memory (about 11 minutes on 2 cores)")
     p.set_defaults(func=main)

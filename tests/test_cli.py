@@ -225,7 +225,7 @@ def test_every_command_has_a_complete_description():
 # -- bench: results only where asked, named by mode and time, the command as run ---------------------------
 
 def _fake_suite(calls):
-    def run_suite(quick=False, backend="cpu", repeats=None, progress=True, command=None):
+    def run_suite(quick=False, backend="cpu", repeats=None, progress=True, command=None, linear=False):
         calls.append(command)
         report = benchmark.Report(machine="m", date="2026-01-01", command=command, backend=backend, threads=1,
                                   copy_gbps=1.0, versions={}, mode="quick" if quick else "full",

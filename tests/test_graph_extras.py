@@ -28,7 +28,7 @@ def _net(loss_param: str, loss_type: str = "SoftmaxWithLoss"):
 @pytest.mark.parametrize("loss_param", ["z_loss: 0.05", "softcap: 1.5", "z_loss: 0.2 softcap: 2.0 ignore_label: 3",
                                         "z_loss: 0.1 normalization: BATCH_SIZE"])
 def test_extras_equal_the_functional_call_and_their_gradients_are_right(loss_param, rng):
-    net = _net(loss_param)
+    net = _net(loss_param + " fuse: false")   # keep the logits blob to compare with (fused: test_graph_fused)
     x = rng.standard_normal((5, 7))
     y = rng.integers(0, 4, 5).astype(np.float64)
     total = float(net.forward(x=x, y=y))

@@ -282,9 +282,10 @@ def test_loss_weight_must_be_given_once_per_top():
 
 
 def test_float32_default_and_the_total_stays_an_array():
+    # fuse=False: the logits blob "z" is inspected below (fused, it is never made)
     net = Net([L.Input("in", top=["x", "y"], shape=[(4, 3), (4,)]),
                L.InnerProduct("ip", "x", "z", num_output=3, weight_filler=G),
-               L.SoftmaxWithLoss("loss", ["z", "y"], "loss")], backend="cpu")
+               L.SoftmaxWithLoss("loss", ["z", "y"], "loss", fuse=False)], backend="cpu")
     total = net.forward(x=np.ones((4, 3)), y=np.array([0, 1, 2, 0]))
     assert isinstance(total, np.ndarray) and total.shape == () and total.dtype == np.float32
     assert net.params["ip"][0].data.dtype == np.float32 and net.blobs["x"].data.dtype == np.float32

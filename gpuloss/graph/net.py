@@ -204,6 +204,37 @@ class Net:
                 t.need_backward = need
             self._propagate_down.append(pd)
             self._need_backward.append(need)
+        self._fused_away = self._fuse_linear_heads(readers)
+
+    def _fuse_linear_heads(self, readers) -> set:
+        """Run each InnerProduct whose output only a SoftmaxWithLoss reads as one
+        ``gpuloss.linear_cross_entropy`` call inside that loss layer (docs/graph.md): the same loss
+        and gradients, without the [N, C] logits. Returns the InnerProducts' indices, which then do
+        nothing themselves. ``loss_param { fuse: false }`` keeps a pair apart; so does anything that
+        needs the logits (another reader, a loss_weight on them, a second top, explicit propagate_down).
+        """
+        from .layers.inner_product import InnerProduct
+        from .layers.loss import FusedInput, SoftmaxWithLoss
+
+        fused_away = set()
+        for j, loss in enumerate(self.layers):
+            if not isinstance(loss, SoftmaxWithLoss):
+                continue
+            loss._fused = None
+            if not loss.fuse or len(loss.top) != 1 or loss._axis != 1 or loss.explicit_propagate_down is not None:
+                continue
+            logits = self._bottoms[j][0]
+            # the last layer before j that wrote the logits blob (an in-place layer may share it)
+            i = next((k for k in reversed(range(j)) if any(t is logits for t in self._tops[k])), None)
+            if i is None or not isinstance(self.layers[i], InnerProduct):
+                continue
+            ip = self.layers[i]
+            if (ip._axis != 1 or ip.top[0] in ip.bottom or self._weights[i] or readers[(i, ip.top[0])] != 1
+                    or ip.explicit_propagate_down is not None):
+                continue
+            loss._fused = FusedInput(ip, self._bottoms[i][0], self._propagate_down[i][0])
+            fused_away.add(i)
+        return fused_away
 
     @classmethod
     def from_prototxt(cls, text_or_path, phase: str = "TRAIN", backend: str = "auto", **kwargs) -> "Net":
@@ -305,6 +336,8 @@ class Net:
         return self.xp.asarray(self._total, dtype=self.dtype)
 
     def _forward_layer(self, i: int) -> None:
+        if i in self._fused_away:   # an InnerProduct that its SoftmaxWithLoss runs (fused)
+            return
         layer, tops = self.layers[i], self._tops[i]
         if self._nvtx is not None:   # Nsight shows the net's structure (docs/design.md §8)
             self._nvtx.RangePush(f"{layer.name} forward")

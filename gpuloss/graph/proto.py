@@ -61,11 +61,12 @@ _MESSAGES = {
     "ParamSpec": [("name", 1, "string", False, None),
                   ("share_mode", 2, "ParamSpec.DimCheckMode", False, None),
                   ("lr_mult", 3, "float", False, "1"), ("decay_mult", 4, "float", False, "1")],
-    # z_loss and softcap are gpuloss's extension of Caffe's LossParameter (numbers far above
+    # z_loss, softcap and fuse are gpuloss's extension of Caffe's LossParameter (numbers far above
     # Caffe's own, so no Caffe field can clash); only SoftmaxWithLoss reads them.
     "LossParameter": [("ignore_label", 1, "int32", False, None), ("normalize", 2, "bool", False, None),
                       ("normalization", 3, "LossParameter.NormalizationMode", False, "VALID"),
-                      ("z_loss", 1001, "float", False, "0"), ("softcap", 1002, "float", False, None)],
+                      ("z_loss", 1001, "float", False, "0"), ("softcap", 1002, "float", False, None),
+                      ("fuse", 1003, "bool", False, "true")],
     "AccuracyParameter": [("top_k", 1, "uint32", False, "1"), ("axis", 2, "int32", False, "1"),
                           ("ignore_label", 3, "int32", False, None)],
     "InnerProductParameter": [

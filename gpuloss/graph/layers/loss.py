@@ -28,12 +28,21 @@ result is 0 and gpuloss's rule (denominator 0 -> loss 0, grad 0) is 0 too.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from ..layer import GraphError, Layer, class_labels, finite_number, normalize_axis, register_layer
 from .activation import softmax
 
 __all__ = ["SoftmaxWithLoss", "SigmoidCrossEntropyLoss", "EuclideanLoss", "SmoothL1Loss",
            "NORMALIZATION_TO_REDUCTION"]
+
+@dataclass(frozen=True)
+class FusedInput:
+    """What a SoftmaxWithLoss needs to run the InnerProduct before it itself (Net sets it)."""
+    inner_product: Layer
+    input_blob: object       # the InnerProduct's bottom blob
+    propagate_down: bool     # whether that blob wants a gradient
+
 
 NORMALIZATION_TO_REDUCTION = {"FULL": "sum_over_batch_size", "VALID": "sum_by_nonzero_weights",
                               "BATCH_SIZE": "batch_size", "NONE": "sum"}
@@ -44,6 +53,11 @@ def _losses():
     # Imported at call time: gpuloss/__init__ imports the graph, and the graph needs the losses.
     from gpuloss import losses
     return losses
+
+
+def _losses_linear():
+    from gpuloss.linear import linear_cross_entropy
+    return linear_cross_entropy
 
 
 def _normalization_from_proto(lp, default: str) -> str:
@@ -78,7 +92,7 @@ class _Loss(Layer):
 
     @classmethod
     def kwargs_from_proto(cls, lp) -> dict:
-        extras = [f for f in ("z_loss", "softcap") if lp.loss_param.HasField(f)]
+        extras = [f for f in ("z_loss", "softcap", "fuse") if lp.loss_param.HasField(f)]
         if extras and not issubclass(cls, SoftmaxWithLoss):
             raise GraphError(f"layer {lp.name!r} ({cls.type}): loss_param {' and '.join(extras)} apply to "
                              f"SoftmaxWithLoss only")
@@ -121,9 +135,13 @@ class SoftmaxWithLoss(_Loss):
     proto_params = ("loss_param", "softmax_param")
 
     def __init__(self, name, bottom=None, top=None, *, axis: int = 1, z_loss: float = 0.0,
-                 softcap: float | None = None, **kw):
+                 softcap: float | None = None, fuse: bool = True, **kw):
         super().__init__(name, bottom, top, **kw)
         self.axis = int(axis)
+        # fuse: the net may run an InnerProduct feeding only this layer as one linear_cross_entropy
+        # call (the [N, C] logits never exist); False keeps the two layers apart.
+        self.fuse = bool(fuse)
+        self._fused = None   # set by Net: FusedInput when the pair runs fused
         # gpuloss's loss_param extension (docs/graph.md): PaLM's z-loss and Gemma 2's soft-capping,
         # exactly as gpuloss.softmax_cross_entropy's z_loss= and softcap=.
         self.z_loss = finite_number(z_loss, f"layer {name!r}: z_loss")
@@ -135,7 +153,8 @@ class SoftmaxWithLoss(_Loss):
 
     @classmethod
     def kwargs_from_proto(cls, lp) -> dict:
-        kw = {**super().kwargs_from_proto(lp), "axis": lp.softmax_param.axis, "z_loss": lp.loss_param.z_loss}
+        kw = {**super().kwargs_from_proto(lp), "axis": lp.softmax_param.axis, "z_loss": lp.loss_param.z_loss,
+              "fuse": lp.loss_param.fuse}
         if lp.loss_param.HasField("softcap"):
             kw["softcap"] = lp.loss_param.softcap
         return kw
@@ -165,6 +184,9 @@ class SoftmaxWithLoss(_Loss):
         return rng.integers(0, self._classes, size=shape)
 
     def forward(self, bottom, top):
+        if self._fused is not None:
+            self._forward_fused(bottom, top)
+            return
         xp = self.ctx.xp
         x, label = bottom[0].data, bottom[1].data
         shape = tuple(x.shape)
@@ -181,6 +203,42 @@ class SoftmaxWithLoss(_Loss):
         top[0].data = loss
         if len(top) > 1:
             top[1].data = softmax(xp, x, self._axis)
+
+    def _forward_fused(self, bottom, top):
+        """The InnerProduct before this layer and this loss as one gpuloss.linear_cross_entropy call:
+        the same loss and gradients, without the [N, C] logits (docs/graph.md)."""
+        fused = self._fused
+        ip, x_blob = fused.inner_product, fused.input_blob
+        x2, _ = ip._flat(x_blob.data)
+        label = bottom[1].data
+        classes = ip.num_output
+        self._check_labels((x2.shape[0], classes), label.shape)
+        target = class_labels(self, label.reshape(x2.shape[0], 1), self.ctx.xp, classes, self.ignore_label,
+                              self.ctx.validate).reshape(-1)
+        bias = ip.params[1].data if ip.bias_term else None
+        loss, grads = _losses_linear()(
+            x2, ip.params[0].data, target, linear_bias=bias, reduction=self.reduction, z_loss=self.z_loss,
+            softcap=self.softcap, ignore_index=self.ignore_label, return_grad=True, validate=self.ctx.validate,
+            backend=self.ctx.backend)
+        self._fused_grads = grads
+        top[0].data = loss
+
+    def backward(self, top, propagate_down, bottom):
+        if self._fused is None:
+            return super().backward(top, propagate_down, bottom)
+        # Fused: this layer writes the InnerProduct's parameter diffs and its input's diff itself (the
+        # logits, and so their diff, do not exist); scaled by d(total)/d(loss) as every loss layer is.
+        fused, scale = self._fused, top[0].diff
+        grads = self._fused_grads
+        w, b = fused.inner_product.params[0], fused.inner_product.params[1:] or [None]
+        w.diff = grads.linear_weight * scale
+        if b[0] is not None:
+            b[0].diff = grads.linear_bias * scale
+        if fused.propagate_down:
+            x_blob = fused.input_blob
+            g = (grads.input * scale).reshape(x_blob.data.shape)
+            x_blob.diff = g if not x_blob.has_diff else x_blob.diff + g
+        return [None, None]
 
 
 @register_layer
