@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 from typing import Callable, IO
 
@@ -26,6 +27,21 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Block SIGINT and SIGTERM for this thread inside the block (delivered right after it)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):   # no pthread_sigmask on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _umask() -> int:
@@ -46,16 +62,26 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], objec
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix or f".{os.path.basename(path)}.", suffix=suffix)
+    # Ctrl-C / SIGTERM (raised as exceptions by the training loop) are held back while the temporary
+    # file is created and its name kept, and may only arrive inside the try below, which removes it.
+    fd = tmp = None
     try:
+        with _signals_held():
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix or f".{os.path.basename(path)}.",
+                                       suffix=suffix)
         with os.fdopen(fd, "wb") as fh:
+            fd = None   # the file object owns it now
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
     fsync_dir(directory)

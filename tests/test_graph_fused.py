@@ -22,7 +22,7 @@ layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "logits" bottom: "y" top: 
 
 
 def _pair(backend="cpu", dtype=np.float64, bias="true", loss_param="", loss_weight="", extra=""):
-    text = NET.format(bias=bias, loss_param=loss_param, loss_weight=loss_weight, extra=extra)
+    text = NET.format(bias=bias, loss_param=loss_param + " fuse: true", loss_weight=loss_weight, extra=extra)
     fused = Net.from_prototxt(text, backend=backend, dtype=dtype)
     plain = Net.from_prototxt(NET.format(bias=bias, loss_param=loss_param + " fuse: false",
                                          loss_weight=loss_weight, extra=extra), backend=backend, dtype=dtype)
@@ -103,3 +103,15 @@ def test_an_in_place_layer_after_the_inner_product_keeps_the_pair_apart(rng):
     lse = np.log(np.exp(logits).sum(axis=1))
     expected = np.mean(lse - logits[np.arange(6), inputs["y"]])
     np.testing.assert_allclose(float(net.forward(**inputs)), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("classes,batch,fused", [(10, 64, False), (5000, 64, True)])
+def test_automatic_fusion_is_for_large_logits(classes, batch, fused):
+    """Without a fuse field the pair fuses when its declared logits take at least 1 MiB."""
+    net = Net.from_prototxt(f"""
+layer {{ name: "data" type: "Input" top: "x" top: "y" input_param {{ shape {{ dim: {batch} dim: 8 }}
+                                                                   shape {{ dim: {batch} }} }} }}
+layer {{ name: "fc" type: "InnerProduct" bottom: "x" top: "logits" inner_product_param {{ num_output: {classes} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "logits" bottom: "y" top: "loss" }}
+""", backend="cpu")
+    assert bool(net._fused_away) is fused

@@ -66,7 +66,7 @@ _MESSAGES = {
     "LossParameter": [("ignore_label", 1, "int32", False, None), ("normalize", 2, "bool", False, None),
                       ("normalization", 3, "LossParameter.NormalizationMode", False, "VALID"),
                       ("z_loss", 1001, "float", False, "0"), ("softcap", 1002, "float", False, None),
-                      ("fuse", 1003, "bool", False, "true")],
+                      ("fuse", 1003, "bool", False, None)],
     "AccuracyParameter": [("top_k", 1, "uint32", False, "1"), ("axis", 2, "int32", False, "1"),
                           ("ignore_label", 3, "int32", False, None)],
     "InnerProductParameter": [

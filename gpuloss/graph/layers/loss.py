@@ -135,12 +135,13 @@ class SoftmaxWithLoss(_Loss):
     proto_params = ("loss_param", "softmax_param")
 
     def __init__(self, name, bottom=None, top=None, *, axis: int = 1, z_loss: float = 0.0,
-                 softcap: float | None = None, fuse: bool = True, **kw):
+                 softcap: float | None = None, fuse: bool | None = None, **kw):
         super().__init__(name, bottom, top, **kw)
         self.axis = int(axis)
         # fuse: the net may run an InnerProduct feeding only this layer as one linear_cross_entropy
-        # call (the [N, C] logits never exist); False keeps the two layers apart.
-        self.fuse = bool(fuse)
+        # call (the [N, C] logits never exist). None: when the logits would be large (Net decides);
+        # True: whenever the pair allows it; False: never.
+        self.fuse = None if fuse is None else bool(fuse)
         self._fused = None   # set by Net: FusedInput when the pair runs fused
         # gpuloss's loss_param extension (docs/graph.md): PaLM's z-loss and Gemma 2's soft-capping,
         # exactly as gpuloss.softmax_cross_entropy's z_loss= and softcap=.
@@ -153,8 +154,9 @@ class SoftmaxWithLoss(_Loss):
 
     @classmethod
     def kwargs_from_proto(cls, lp) -> dict:
-        kw = {**super().kwargs_from_proto(lp), "axis": lp.softmax_param.axis, "z_loss": lp.loss_param.z_loss,
-              "fuse": lp.loss_param.fuse}
+        kw = {**super().kwargs_from_proto(lp), "axis": lp.softmax_param.axis, "z_loss": lp.loss_param.z_loss}
+        if lp.loss_param.HasField("fuse"):
+            kw["fuse"] = lp.loss_param.fuse
         if lp.loss_param.HasField("softcap"):
             kw["softcap"] = lp.loss_param.softcap
         return kw
