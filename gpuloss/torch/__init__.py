@@ -18,9 +18,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .functional import (binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy, huber_loss,
                          l1_loss, mse_loss, smooth_l1_loss)
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, L1Loss, MSELoss, SmoothL1Loss
 
 __all__ = ["cross_entropy", "binary_cross_entropy_with_logits", "binary_cross_entropy", "mse_loss", "l1_loss",
            "huber_loss", "smooth_l1_loss", "CrossEntropyLoss", "BCEWithLogitsLoss", "BCELoss", "MSELoss", "L1Loss",
-           "HuberLoss", "SmoothL1Loss"]
+           "HuberLoss", "SmoothL1Loss", "linear_cross_entropy", "LinearCrossEntropyLoss",
+           "vocab_parallel_cross_entropy"]
 from .distributed import vocab_parallel_cross_entropy  # noqa: E402,F401  (docs/distributed.md)
