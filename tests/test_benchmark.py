@@ -45,6 +45,7 @@ def test_copy_bandwidth_is_positive():
     assert benchmark.copy_bandwidth_gbps(nbytes=1 << 22, repeats=2) > 0
 
 
+@pytest.mark.slow
 def test_first_call_cost_is_measured_cold_and_warm():
     cold, warm = benchmark.first_call_seconds()
     assert cold > 0 and warm > 0

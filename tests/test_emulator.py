@@ -370,6 +370,7 @@ def test_duplicate_entry_names_are_refused(tmp_path):
         EmulatedModule([tmp_path / "a.cu", tmp_path / "b.cu"], cache=tmp_path / "cache")
 
 
+@pytest.mark.slow
 def test_sanitized_build_refuses_to_load_without_its_runtime(tmp_path):
     with pytest.raises(RuntimeError, match="LD_PRELOAD=.*libtsan"):
         EmulatedModule([RACY], sanitize="thread")
@@ -398,6 +399,7 @@ def _shift(kernel: str, san: str, short: int = 0) -> str:
     return _SHIFT.format(src=str(RACY), san=san, kernel=kernel, short=short)
 
 
+@pytest.mark.slow
 def test_tsan_reports_missing_syncthreads_as_a_data_race():
     run = run_sanitized(_shift("racy_shift_unsynced", "thread"), "thread", sources=[RACY])
     assert "data race" in run.reports, str(run)
@@ -405,18 +407,21 @@ def test_tsan_reports_missing_syncthreads_as_a_data_race():
     assert "racy.cu" in run.stderr  # the report points into the kernel source
 
 
+@pytest.mark.slow
 def test_tsan_is_silent_when_the_barrier_is_there():
     run = run_sanitized(_shift("racy_shift_synced", "thread"), "thread", sources=[RACY])
     assert run.ok, str(run)
     assert "done" in run.stdout
 
 
+@pytest.mark.slow
 def test_asan_reports_a_read_past_the_end():
     run = run_sanitized(_shift("racy_read_past_end", "address", short=1), "address", sources=[RACY])
     assert "heap-buffer-overflow" in run.reports, str(run)
     assert "racy.cu" in run.stderr
 
 
+@pytest.mark.slow
 def test_asan_is_silent_on_a_correct_kernel():
     run = run_sanitized(_shift("racy_shift_synced", "address"), "address", sources=[RACY])
     assert run.ok, str(run)

@@ -22,7 +22,10 @@ import pytest
 
 from gpuloss.backends import emulated
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the emulated backend needs g++")
+# Each case builds the emulated kernels into a fresh cache (seconds each): behind the slow marker,
+# which .ci/run runs after the README's command.
+pytestmark = [pytest.mark.skipif(shutil.which("g++") is None, reason="the emulated backend needs g++"),
+              pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -125,6 +125,7 @@ def test_there_are_kernel_sources():
     assert SELFTEST.is_file() and all(p.name != "selftest.cu" for p in kernel_sources())
 
 
+@pytest.mark.slow
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("path", SOURCES, ids=[p.name for p in SOURCES])
@@ -145,6 +146,7 @@ def test_kernel_compiles_and_reports_resources(path, arch):
         assert "_" in name
 
 
+@pytest.mark.slow
 @needs_nvrtc
 @pytest.mark.parametrize("path", SOURCES, ids=[p.name for p in SOURCES])
 def test_no_spills_at_sm90(path):
@@ -319,6 +321,7 @@ def test_arch_argument_forms():
     assert kernel_table._archs(["sm_90", "sm_80,sm_70", "90"]) == ["sm_90", "sm_80", "sm_70"]
 
 
+@pytest.mark.slow
 @needs_nvrtc
 def test_cli_kernels_prints_every_entry(capsys):
     from gpuloss import cli
@@ -673,6 +676,7 @@ def _storage_dtypes():
             ("f16", np.float16, np.float32), ("bf16", ml_dtypes.bfloat16, np.float32)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sfx", ["f32", "f64", "f16", "bf16"])
 def test_selftest_kernels_emulated(selftest_module, sfx):
     _, dt, acc = next(t for t in _storage_dtypes() if t[0] == sfx)

@@ -10,15 +10,21 @@ from gpuloss._paths import kernel_sources, kernels_dir
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _ci_test_command() -> str:
-    lines = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in ln]
-    assert len(lines) == 1, lines
-    return lines[0].strip()
+def _ci_pytest_lines() -> list[str]:
+    return [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+            if "pytest" in ln and not ln.lstrip().startswith("#")]
 
 
-def test_ci_runs_the_readme_test_command_verbatim():
-    readme = (ROOT / "README.md").read_text()
-    assert _ci_test_command() in readme.splitlines()
+def test_ci_runs_the_readme_test_command_verbatim_then_the_slow_cases():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    first, *rest = _ci_pytest_lines()
+    assert first in readme                       # the README's command, as a newcomer types it
+    assert rest == [".venv/bin/python -m pytest -q -m slow"]   # and everything it leaves out
+
+
+def test_the_default_run_leaves_out_exactly_the_slow_marker():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert "addopts = \"-rfEs -m 'not slow'\"" in text
 
 
 def test_kernels_are_packaged_and_found():
