@@ -123,13 +123,15 @@ def write_results(results: dict, directory: Path) -> tuple[Path, Path]:
                       f"{results['tests']['summary']} (exit {results['tests']['returncode']})"]
     lines += ["", "## Softmax cross entropy, forward + backward (mean, class indices)", "",
               "| shape | dtype | gpuloss ms | GB/s | % of copy | torch ms | torch / gpuloss | liger ms "
-              "| liger / gpuloss |", "|---|---|---|---|---|---|---|---|---|"]
+              "| liger / gpuloss | gpuloss.torch ms | torch / gpuloss.torch |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["cross_entropy"]:
         lines.append(f"| {c['shape'][0]}×{c['shape'][1]} | {c['dtype']} | {_fmt(c.get('ms'))} | "
                      f"{_fmt(c.get('gbps'), '.0f')} | {_fmt(c.get('pct_of_copy'), '.0f')} | "
                      f"{_fmt(c.get('torch_ms'))} | "
                      f"{_fmt(c.get('torch_ratio'), '.2f')} | {_fmt(c.get('liger_ms'))} | "
-                     f"{_fmt(c.get('liger_ratio'), '.2f')} |")
+                     f"{_fmt(c.get('liger_ratio'), '.2f')} | {_fmt(c.get('torch_module_ms'))} | "
+                     f"{_fmt(c.get('torch_module_ratio'), '.2f')} |")
     n = results["elementwise"][0]["elements"] if results["elementwise"] else 0
     lines += ["", f"## Element-wise losses, forward + backward, {n} float32 elements", "",
               "| loss | gpuloss ms | GB/s | % of copy | torch ms | torch / gpuloss |", "|---|---|---|---|---|---|"]
@@ -343,6 +345,16 @@ def run_benchmarks(args, results: dict) -> None:
 
             case["torch_ms"] = _median_ms(torch_step, args.warmup, args.iters, _TorchEvents(torch))
             case["torch_ratio"] = case["torch_ms"] / case["ms"]
+            try:   # the one-line swap: gpuloss.torch.cross_entropy in the same training step
+                import gpuloss.torch as gt
+
+                def module_step():
+                    tx.grad = None
+                    gt.cross_entropy(tx, ty).backward()
+                case["torch_module_ms"] = _median_ms(module_step, args.warmup, args.iters, _TorchEvents(torch))
+                case["torch_module_ratio"] = case["torch_ms"] / case["torch_module_ms"]
+            except Exception as exc:
+                results["notes"].append(f"gpuloss.torch failed on {case['shape']} {case['dtype']}: {exc}")
             if liger_cross_entropy is not None:
                 def liger_step():
                     tx.grad = None

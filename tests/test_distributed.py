@@ -428,9 +428,11 @@ def _params(path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_ranks_train_like_one_process(tmp_path):
+def test_two_ranks_train_like_one_process(tmp_path, rng):
     """50 steps of the default digits net: 2 gloo ranks (torchrun) end with the parameters of one process."""
-    args = ["--max-iter", "50", "--no-progress", "--seed", str(int.from_bytes(os.urandom(2), "little"))]
+    # The solver seed comes from the run's GPULOSS_TEST_SEED (printed in the header), so a failure replays.
+    seed = int(rng.integers(1 << 16))
+    args = ["--max-iter", "50", "--no-progress", "--seed", str(seed)]
     one = _single(args + ["--snapshot-prefix", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     two = _torchrun(2, args + ["--snapshot-prefix", str(tmp_path / "two")])
@@ -444,7 +446,7 @@ def test_two_ranks_train_like_one_process(tmp_path):
     assert a.keys() == b.keys() and a
     worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
     print(f"max |param(2 ranks) - param(1 process)| after 50 steps = {worst:.3g}")
-    assert worst <= 1e-5
+    assert worst <= 1e-5, f"--seed {seed}: 2 ranks differ from 1 process by {worst:.3g}"
     assert any(float(np.max(np.abs(a[k]))) > 1e-2 for k in a)   # the parameters did move
     # Same test results (sharded test phase, reduced) up to reassociation.
     acc1 = [l for l in one.stdout.splitlines() if "test accuracy" in l][0].split("accuracy: ")[1]
