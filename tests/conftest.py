@@ -35,6 +35,8 @@ BACKENDS = _available_backends()
 
 # One seed per run, printed in the header: GPULOSS_TEST_SEED=<seed> replays every test's data.
 SESSION_SEED = int(os.environ.get("GPULOSS_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+# pytest-xdist workers start after the controller has loaded this module: they inherit the seed.
+os.environ["GPULOSS_TEST_SEED"] = str(SESSION_SEED)
 
 
 def pytest_report_header(config):

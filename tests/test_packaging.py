@@ -19,12 +19,12 @@ def test_ci_runs_the_readme_test_command_verbatim_then_the_slow_cases():
     readme = (ROOT / "README.md").read_text().splitlines()
     first, *rest = _ci_pytest_lines()
     assert first in readme                       # the README's command, as a newcomer types it
-    assert rest == [".venv/bin/python -m pytest -q -m slow"]   # and everything it leaves out
+    assert rest == [".venv/bin/python -m pytest -q -m slow -n 0"]   # and everything it leaves out
 
 
 def test_the_default_run_leaves_out_exactly_the_slow_marker():
     text = (ROOT / "pyproject.toml").read_text()
-    assert "addopts = \"-rfEs -m 'not slow'\"" in text
+    assert "addopts = \"-rfEs -m 'not slow' -n 2\"" in text
 
 
 def test_kernels_are_packaged_and_found():
