@@ -162,7 +162,9 @@ def _versions() -> dict:
 def run_tests(pytest_args: str) -> dict:
     env = {**os.environ, "GPULOSS_BACKEND": "cuda", "PYTHONPATH": os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "pytest", *pytest_args.split(), "-p", "no:cacheprovider"]
+    # -o addopts: the repository's defaults ask for pytest-xdist workers and leave out `slow`; the lent
+    # GPU machine may have no pytest-xdist, and one GPU is best driven by one process.
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=-rfEs", *pytest_args.split(), "-p", "no:cacheprovider"]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     sys.stdout.write(proc.stdout[-6000:])
