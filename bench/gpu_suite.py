@@ -226,29 +226,22 @@ def _bf16_cross_entropy(backend, x_u16, y):
     through the same LaunchBackend pieces on uint16 storage (CuPy has no bfloat16 dtype)."""
     import numpy as np
 
-    from gpuloss._plan import DtypePlan, ReducePlan
+    from gpuloss._plan import CrossEntropyPlan, DtypePlan, ReducePlan
     from gpuloss._validate import Reduction
-    from gpuloss.backends import launch
 
     cp = backend.xp
     rows, classes = x_u16.shape
     w = cp.ones(1, np.float32)
-    reduce = ReducePlan(Reduction.MEAN, (rows,), rows)
-    scal = backend._scal(reduce, w, y=y, class_weight=None, ignore_index=-100, classes=classes)
+    f32 = np.dtype(np.float32)
+    plan = CrossEntropyPlan(dtypes=DtypePlan(input=f32, compute=f32, loss=f32),
+                            reduce=ReducePlan(Reduction.MEAN, (rows,), rows), outer=rows, classes=classes, inner=1,
+                            index_target=True, has_class_weight=False, ignore_index=-100, label_smoothing=0.0,
+                            return_grad=True, validate=False)
+    scal = backend._scal(plan.reduce, w, y=y, class_weight=None, ignore_index=-100, classes=classes)
     loss_rows = cp.empty(rows, np.float32)
     grad = cp.empty_like(x_u16)
-    variant, blocks, threads, group = launch.xent_launch(rows, classes, 1, 4)
-    # The argument list of XENT_PARAMS in kernels/xent.cu (no class weights, ignore_index -100, no
-    # smoothing, z-loss or softcap, no z rows).
-    args = (x_u16, np.int64(rows), np.int64(classes), np.int64(1), y, x_u16, np.int32(1), w, np.int64(1),
-            np.int64(rows), w, np.int32(0), np.int32(1), np.int64(-100), np.float32(0.0), np.float32(0.0),
-            np.float32(0.0), scal, loss_rows, loss_rows, np.int32(0), grad, np.int32(1))
-    if variant == "warp":
-        backend._launch("xent_warp_fwd_bwd_bf16", blocks, threads, args + (np.int32(group),))
-    else:
-        backend._launch("xent_fwd_bwd_bf16", blocks, threads, args)
-    dt = DtypePlan(input=np.dtype(np.float32), compute=np.dtype(np.float32), loss=np.dtype(np.float32))
-    return backend._finish_rows(reduce, loss_rows, scal, dt), grad
+    backend._launch_xent(plan, "bf16", x_u16, y, x_u16, w, None, scal, loss_rows, loss_rows, grad)
+    return backend._finish_rows(plan.reduce, loss_rows, scal, plan.dtypes), grad
 
 
 def _check_bf16_fallback() -> str:

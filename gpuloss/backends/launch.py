@@ -253,8 +253,7 @@ class LaunchBackend:
     def cross_entropy(self, plan: CrossEntropyPlan, logits, target, w_values, class_weight):
         xp = self.xp
         dt = plan.dtypes
-        A = dt.compute.type
-        rows, classes, inner = plan.rows, plan.classes, plan.inner
+        rows, classes = plan.rows, plan.classes
         x = self._contiguous(logits)
         w = self._weights(w_values, dt)
         cw = None if class_weight is None else self._contiguous(class_weight, dt.compute)
@@ -270,23 +269,30 @@ class LaunchBackend:
         loss_rows = xp.empty(rows, dt.compute)
         z_rows = xp.empty(rows, dt.compute) if plan.return_z_loss else self._dummy(dt.compute)
         grad = xp.empty(logits.shape, dt.input) if plan.return_grad else self._dummy(dt.input)
-        variant, blocks, threads, group = xent_launch(rows, classes, inner, dt.compute.itemsize)
+        self._launch_xent(plan, sfx, x, y, t, w, cw, scal, loss_rows, z_rows, grad)
+        loss = self._finish_rows(plan.reduce, loss_rows, scal, dt)
+        z_term = self._finish_rows(plan.reduce, z_rows, scal, dt) if plan.return_z_loss else None
+        return loss, z_term, (grad if plan.return_grad else None)
+
+    def _launch_xent(self, plan: CrossEntropyPlan, sfx: str, x, y, t, w, cw, scal, loss_rows, z_rows, grad):
+        """The one packing of kernels/xent.cu's XENT_PARAMS, launched as the variant for the plan's
+        shape (bench/gpu_suite.py reuses it for bfloat16 held in uint16 storage)."""
+        A = plan.dtypes.compute.type
         has_ignore = plan.ignore_index is not None
-        args = (x, np.int64(rows), np.int64(classes), np.int64(inner), y, t, np.int32(plan.index_target),
-                w, np.int64(w.size), np.int64(plan.reduce.weight_block),
-                cw if cw is not None else self._dummy(dt.compute), np.int32(cw is not None),
+        args = (x, np.int64(plan.rows), np.int64(plan.classes), np.int64(plan.inner), y, t,
+                np.int32(plan.index_target), w, np.int64(w.size), np.int64(plan.reduce.weight_block),
+                cw if cw is not None else self._dummy(plan.dtypes.compute), np.int32(cw is not None),
                 np.int32(has_ignore), np.int64(plan.ignore_index if has_ignore else 0), A(plan.label_smoothing),
                 A(plan.z_loss), A(plan.softcap), scal, loss_rows, z_rows, np.int32(plan.return_z_loss), grad,
                 np.int32(plan.return_grad))
+        variant, blocks, threads, group = xent_launch(plan.rows, plan.classes, plan.inner,
+                                                      plan.dtypes.compute.itemsize)
         if variant == "warp":
             self._launch(f"xent_warp_fwd_bwd_{sfx}", blocks, threads, args + (np.int32(group),))
         elif variant == "block":
             self._launch(f"xent_fwd_bwd_{sfx}", blocks, threads, args)
         else:
             self._launch(f"xent_strided_fwd_bwd_{sfx}", blocks, threads, args)
-        loss = self._finish_rows(plan.reduce, loss_rows, scal, dt)
-        z_term = self._finish_rows(plan.reduce, z_rows, scal, dt) if plan.return_z_loss else None
-        return loss, z_term, (grad if plan.return_grad else None)
 
     def elementwise(self, plan: ElementwisePlan, pred, target, w_values, pos_weight):
         dt = plan.dtypes
