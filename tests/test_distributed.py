@@ -218,7 +218,13 @@ def _rank_main(rank, world, port, folder, fn_name, payload):
         d.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                              timeout=timedelta(seconds=60))
         try:
-            result = globals()[fn_name](rank, world, payload)
+            if ":" in fn_name:   # "module:function", a worker of another test module
+                import importlib
+                module, name = fn_name.split(":")
+                fn = getattr(importlib.import_module(module), name)
+            else:
+                fn = globals()[fn_name]
+            result = fn(rank, world, payload)
         finally:
             d.destroy_process_group()
         out.write_bytes(pickle.dumps(("ok", result)))
@@ -228,8 +234,9 @@ def _rank_main(rank, world, port, folder, fn_name, payload):
 
 
 def run_ranks(world: int, fn_name: str, payload, tmp_path: Path, timeout: float = HARD_TIMEOUT) -> list:
-    """Start `world` processes running fn_name(rank, world, payload); their results in rank order.
-    A process still alive at the deadline is killed and the test fails."""
+    """Start `world` processes running fn_name(rank, world, payload) (a function of this module, or
+    "module:function"); their results in rank order.  A process still alive at the deadline is killed
+    and the test fails."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     port = _free_port()

@@ -24,5 +24,6 @@ from .modules import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, L1
 __all__ = ["cross_entropy", "binary_cross_entropy_with_logits", "binary_cross_entropy", "mse_loss", "l1_loss",
            "huber_loss", "smooth_l1_loss", "CrossEntropyLoss", "BCEWithLogitsLoss", "BCELoss", "MSELoss", "L1Loss",
            "HuberLoss", "SmoothL1Loss", "linear_cross_entropy", "LinearCrossEntropyLoss",
-           "vocab_parallel_cross_entropy"]
-from .distributed import vocab_parallel_cross_entropy  # noqa: E402,F401  (docs/distributed.md)
+           "vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy  # noqa: E402,F401
+# (docs/distributed.md)
