@@ -141,24 +141,29 @@ def sigmoid_cross_entropy(logits, target, *, weight=None, pos_weight=None, label
     eps = float(label_smoothing)
     t = t * (1 - eps) + 0.5 * eps  # TF sigmoid_cross_entropy label smoothing
     with np.errstate(over="ignore", invalid="ignore"):
-        softplus_neg = np.log1p(np.exp(-np.abs(x))) + np.maximum(-x, 0)  # -log(sigmoid(x))
-        sig = 0.5 * (1 + np.tanh(0.5 * x))  # sigmoid without overflow
+        e = np.exp(-np.abs(x))
+        softplus_neg = np.log1p(e) + np.maximum(-x, 0)  # -log(sigmoid(x))
+        # sigmoid = 1 - e r (x >= 0) or e r (x < 0), r = 1 / (1 + e): sigmoid - t and sigmoid - 1
+        # written without cancellation, so a confident element's tiny gradient keeps its digits.
+        r = 1 / (1 + e)
+        nonneg = x >= 0
         if pos_weight is None:
-            l = np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))
-            dl = sig - t
+            l = np.maximum(x, 0) - x * t + np.log1p(e)
+            dl = np.where(nonneg, (1 - t) - e * r, e * r - t)
         else:
             # torch BCEWithLogitsLoss: (1-t) x + (1 + (p-1) t) softplus(-x); d softplus(-x)/dx = sig - 1
             pw = np.broadcast_to(_f64(pos_weight), x.shape)
             coef = 1 + (pw - 1) * t
             l = (1 - t) * x + coef * softplus_neg
-            dl = (1 - t) + coef * (sig - 1)
+            dl = (1 - t) - coef * np.where(nonneg, e * r, r)
     return _elementwise(l, dl, weight, reduction)
 
 
 def log_loss(probs, target, *, epsilon=1e-7, weight=None, reduction="mean"):
     p, t = _f64(probs), _f64(target)
     with np.errstate(divide="ignore", invalid="ignore"):
-        l = -t * np.log(p + epsilon) - (1 - t) * np.log(1 - p + epsilon)
+        # log(1 - p + eps) as log1p(eps - p): exact for p ~ 0, where 1 - p would round
+        l = -t * np.log(p + epsilon) - (1 - t) * np.log1p(epsilon - p)
         dl = -t / (p + epsilon) + (1 - t) / (1 - p + epsilon)
     return _elementwise(l, dl, weight, reduction)
 

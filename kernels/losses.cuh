@@ -68,6 +68,12 @@ GPULOSS_DEVICE A weight_at(const A* values, index_t count, index_t block, index_
   return values[k < count ? k : count - 1];
 }
 
+// Class index n of a target array of int32 (y_bytes 4) or int64 (8) values:
+// both are read as they are stored, so the launch code casts nothing.
+GPULOSS_DEVICE int64_t class_index(const void* y, int y_bytes, index_t n) {
+  return y_bytes == 4 ? (int64_t) static_cast<const int32_t*>(y)[n] : static_cast<const int64_t*>(y)[n];
+}
+
 // i % period, in 32 bits where both fit (a 64-bit remainder is a long
 // instruction sequence on the GPU, paid per element otherwise).
 GPULOSS_DEVICE index_t mod_index(index_t i, index_t period) {
@@ -97,18 +103,21 @@ GPULOSS_DEVICE void elementwise_loss(A x, A t, A param, A pw, A& l, A& dl) {
     // log(1 + e^-|x|) and sigmoid(x) from e^-|x|: neither overflows for any x.
     const A e = gl::exp(-abs_nan(x));
     const A softplus_abs = gl::log1p(e);
-    const A sig = x >= zero ? one / (one + e) : e / (one + e);
+    // sigmoid(x) - t and sigmoid(x) - 1 without cancellation for t in {0, 1}: with r = 1 / (1 + e),
+    // sigmoid = 1 - e r for x >= 0 and e r for x < 0.
+    const A r = one / (one + e);
     if (pw == one) {
       l = (x > zero ? x : zero) - x * ts + softplus_abs;
-      dl = sig - ts;
+      dl = x >= zero ? (one - ts) - e * r : e * r - ts;
     } else {
       // PyTorch BCEWithLogitsLoss: (1 - t) x + (1 + (p - 1) t) (log1p(e^-|x|) + max(-x, 0)).
       const A coef = one + (pw - one) * ts;
       l = (one - ts) * x + coef * (softplus_abs + (x > zero ? zero : -x));
-      dl = (one - ts) + coef * (sig - one);
+      dl = (one - ts) - coef * (x >= zero ? e * r : r);
     }
   } else if (KIND == kLogLoss) {  // TF losses.log_loss, param = epsilon
-    l = -t * gl::log(x + param) - (one - t) * gl::log(one - x + param);
+    // log(1 - x + eps) as log1p(eps - x): 1 - x is not rounded, so p ~ 0 keeps its tiny loss.
+    l = -t * gl::log(x + param) - (one - t) * gl::log1p(param - x);
     dl = -t / (x + param) + (one - t) / (one - x + param);
   } else if (KIND == kHinge) {  // TF hinge_loss: y = 2t - 1, max(0, 1 - y x)
     const A y = A(2) * t - one;
@@ -148,6 +157,51 @@ GPULOSS_DEVICE void elementwise_loss(A x, A t, A param, A pw, A& l, A& dl) {
       }
     }
   }
+}
+
+// ---------------------------------------------------------------------------
+// The divisor of a reduction (docs/api.md §2.3.2, reduce.cu). It either sits
+// on the device as scal = {denominator, 1/denominator or 0}, written by
+// reduce_weights in the launch before (mean, sum_by_nonzero_weights: it
+// depends on the weights), or is a number of the shape passed by value (none,
+// sum, sum_over_batch_size, batch_size): then no launch computes it.
+struct Denom {
+  const double* scal;
+  double constant;
+  int on_device;
+  GPULOSS_DEVICE double value() const { return on_device ? scal[0] : constant; }
+  GPULOSS_DEVICE double inverse() const {
+    if (on_device) return scal[1];
+    return constant == 0.0 ? 0.0 : 1.0 / constant;
+  }
+};
+
+// End of a launch whose result is reduced: each thread brings its float64
+// sums l (the weighted losses) and z (the z-terms, 0 when not asked); every
+// block writes one partial of each to partials[b] and partials[gridDim.x + b]
+// (2 * gridDim.x doubles), and the last block (gl::last_block_done) adds them
+// in a fixed order and writes out[0] = sum(l) / denominator, out[1] = sum(z) /
+// denominator, both 0 when the denominator is 0 (whatever the totals, even NaN).
+// Every thread of every block must call it.
+template <class A>
+GPULOSS_DEVICE void finish_reduced(double l, double z, double* partials, unsigned int* ticket, const Denom& d,
+                                   A* out) {
+  __shared__ double scratch[gl::kMaxWarps];
+  l = gl::block_reduce_sum(l, scratch);
+  z = gl::block_reduce_sum(z, scratch);
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = l;
+    partials[gridDim.x + blockIdx.x] = z;
+  }
+  if (!gl::last_block_done(ticket)) return;
+  const double lt = gl::block_sum_partials(partials, gridDim.x);
+  const double zt = gl::block_sum_partials(partials + gridDim.x, gridDim.x);
+  if (threadIdx.x == 0) {
+    const double den = d.value(), inv = d.inverse();
+    out[0] = (A)(den == 0.0 ? 0.0 : lt * inv);
+    out[1] = (A)(den == 0.0 ? 0.0 : zt * inv);
+  }
+  gl::release_ticket(ticket);
 }
 
 // ---------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import pytest
 from numba import njit
 
 import gpuloss as gl
-from gpuloss.backends.cpu_math import exp_nonpositive, maxnum
+from gpuloss import reference
+from gpuloss.backends.cpu_math import exp_nonpositive, log1p_f32, log1p_unit, log_f32, maxnum
 
 from .conftest import assert_matches_reference
 
@@ -16,6 +17,24 @@ from .conftest import assert_matches_reference
 def _exp_all(t, out):
     for i in range(t.size):
         out[i] = exp_nonpositive(t[i])
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _log_all(x, out):
+    for i in range(x.size):
+        out[i] = log_f32(x[i])
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _log1p_any_all(v, out):
+    for i in range(v.size):
+        out[i] = log1p_f32(v[i])
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _log1p_all(u, out):
+    for i in range(u.size):
+        out[i] = log1p_unit(u[i])
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
@@ -81,3 +100,77 @@ def test_small_confident_losses_keep_their_relative_accuracy(rng):
     logits[np.arange(5), y] = 25.0
     loss, _ = assert_matches_reference("softmax_cross_entropy", (logits, y), {"reduction": "none"}, "cpu")
     assert np.all(loss < 1e-7)
+
+
+def test_log_relative_error_over_every_float32_exponent(rng):
+    # Every 61st positive finite bit pattern (subnormals included) plus random points near 1, where
+    # log x is tiny and only a method without cancellation keeps its relative accuracy.
+    bits = np.arange(1, 0x7F800000, 61, dtype=np.int64).astype(np.uint32).view(np.float32)
+    x = np.concatenate([bits, (1 + rng.uniform(-0.3, 0.4, 1_000_000)).astype(np.float32),
+                        np.float32([1 - 2 ** -24, 1 + 2 ** -23, np.sqrt(2), np.finfo(np.float32).max])])
+    x = x[x != 1]
+    out = np.empty_like(x)
+    _log_all(x, out)
+    exact = np.log(x.astype(np.float64))
+    rel = np.abs(out - exact) / np.abs(exact)
+    assert rel.max() < 2.5e-7, f"max relative error {rel.max():.3g} at x={x[rel.argmax()]!r}"
+
+
+def test_log_special_values_follow_ieee():
+    x = np.float32([0.0, -0.0, -1e-30, -1.0, -np.inf, np.inf, np.nan, 1.0])
+    out = np.empty_like(x)
+    _log_all(x, out)
+    assert out[0] == out[1] == -np.inf and np.all(np.isnan(out[2:5])) and out[5] == np.inf
+    assert np.isnan(out[6]) and out[7] == 0.0
+
+
+def test_log1p_on_the_unit_interval(rng):
+    u = np.concatenate([np.linspace(0, 1, 1_000_001, dtype=np.float32), rng.random(1_000_000).astype(np.float32),
+                        np.float32([1e-45, 1.2e-38, 1e-20, 1e-8, 2 ** -24])])
+    u = u[u > 0]
+    out = np.empty_like(u)
+    _log1p_all(u, out)
+    exact = np.log1p(u.astype(np.float64))
+    rel = np.abs(out - exact) / exact
+    assert rel.max() < 2.5e-7, f"max relative error {rel.max():.3g} at u={u[rel.argmax()]!r}"
+    special = np.float32([0.0, np.nan])
+    _log1p_all(special, special)
+    assert special[0] == 0.0 and np.isnan(special[1])
+
+
+def test_log1p_of_any_float32(rng):
+    v = np.concatenate([rng.uniform(-1, 1, 1_000_000), -rng.uniform(0, 1, 100_000) * 1e-6,
+                        rng.exponential(1e-3, 100_000), np.exp(rng.uniform(-80, 80, 100_000)),
+                        [-1 + 2 ** -24, -0.2928932, 0.4142135, 2 ** -149, -2 ** -149]]).astype(np.float32)
+    v = v[(v != 0) & (v > -1)]
+    out = np.empty_like(v)
+    _log1p_any_all(v, out)
+    exact = np.log1p(v.astype(np.float64))
+    rel = np.abs(out - exact) / np.abs(exact)
+    assert rel.max() < 3e-7, f"max relative error {rel.max():.3g} at v={v[rel.argmax()]!r}"
+    special = np.float32([0.0, -1.0, -2.0, np.inf, np.nan])
+    _log1p_any_all(special, special)
+    assert special[0] == 0 and special[1] == -np.inf and np.isnan(special[2]) and special[3] == np.inf
+    assert np.isnan(special[4])
+
+
+@pytest.mark.parametrize("name", ["sigmoid_cross_entropy", "log_loss"])
+def test_float32_element_losses_keep_per_element_relative_accuracy(name, rng):
+    # The vectorised exp/log path, element by element, not only relative to the largest loss:
+    # confident elements (loss ~ 1e-9 .. 1e-30) keep their digits.
+    n = 20001
+    if name == "sigmoid_cross_entropy":
+        x = (rng.standard_normal(n) * 30).astype(np.float32)
+        t = (x > 0).astype(np.float32)               # every element right: loss = softplus(-|x|)
+        kwargs = {}
+    else:
+        t = (rng.random(n) < 0.5).astype(np.float32)
+        x = np.where(t == 1, 1 - rng.uniform(0, 1e-3, n), rng.uniform(0, 1e-3, n)).astype(np.float32)
+        kwargs = {"epsilon": 0.0}
+    loss, grad = getattr(gl, name)(x, t, reduction="none", return_grad=True, **kwargs)
+    ref_loss, ref_grad = getattr(reference, name)(x, t, reduction="none", **kwargs)
+    keep = ref_loss > 1e-37                          # float32 normals (below, exp underflows by design)
+    assert keep.sum() > n // 2
+    rel = np.abs(loss[keep] - ref_loss[keep]) / ref_loss[keep]
+    assert rel.max() < 1e-6, f"{name}: max relative error {rel.max():.3g}"
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-6, atol=1e-37)

@@ -17,7 +17,7 @@ from numba import njit, prange
 
 from .._plan import ELEMENTWISE_KIND, CosinePlan, CrossEntropyPlan, ElementwisePlan, WeightedReducePlan
 from . import host
-from .cpu_math import exp_nonpositive, maxnum
+from .cpu_math import exp_nonpositive, log1p_f32, log1p_unit, log_f32, maxnum
 
 # Elements per chunk of the element-wise kernels: the unit of parallel work and of
 # the deterministic partial sums (big enough to amortise scheduling, small enough
@@ -75,23 +75,37 @@ def _sign(d):
 
 
 @njit(inline="always")
-def _elementwise_loss(kind, x, t, param, pos_weight, one, zero):
-    """(loss, d loss / d x) of one element; ``one`` is 1 in the compute dtype. Mirrors kernels/elementwise.cu."""
+def _elementwise_loss(kind, fast, x, t, param, pos_weight, one, zero):
+    """(loss, d loss / d x) of one element; ``one`` is 1 in the compute dtype. Mirrors kernels/elementwise.cu.
+
+    ``fast`` (float32 only): cpu_math's vectorisable exp and log in place of libm's scalar calls.
+    """
     if kind == 0:  # identity: weighted_reduce
         return x, one
     if kind == 1:  # sigmoid cross entropy; t' = t (1 - eps) + eps/2 (TF label smoothing)
-        ts = t * (one - param) + 0.5 * param
-        softplus_abs = math.log1p(math.exp(-abs(x)))  # log(1 + e^-|x|), never overflows
-        # sigmoid(x) from e^-|x| without overflow
-        e = math.exp(-abs(x))
-        sig = one / (one + e) if x >= 0 else e / (one + e)
-        if pos_weight == one:
-            return (x if x > 0 else zero) - x * ts + softplus_abs, sig - ts
+        ts = t * (one - param) + param / (one + one)
+        e = exp_nonpositive(-abs(x)) if fast else math.exp(-abs(x))
+        softplus_abs = log1p_unit(e) if fast else math.log1p(e)  # log(1 + e^-|x|), never overflows
+        # sigmoid(x) - t and sigmoid(x) - 1 from e^-|x| without overflow, and without cancellation for
+        # t in {0, 1} (x >= 0: sigmoid = 1 - e r; x < 0: sigmoid = e r, r = 1 / (1 + e)).
+        r = one / (one + e)
+        sig_minus_t = (one - ts) - e * r if x >= 0 else e * r - ts
+        sig_minus_one = -e * r if x >= 0 else -r
+        # Both forms are computed and one selected (no branch: the loop stays vectorised).
+        # Without pos_weight: max(x, 0) - x t + softplus(-|x|), no cancellation for a tiny loss.
+        plain_loss, plain_grad = (x if x > 0 else zero) - x * ts + softplus_abs, sig_minus_t
         # PyTorch BCEWithLogitsLoss with pos_weight p: (1-t) x + (1 + (p-1) t) softplus(-x)
         coef = one + (pos_weight - one) * ts
-        return (one - ts) * x + coef * (softplus_abs + (zero if x > 0 else -x)), (one - ts) + coef * (sig - one)
-    if kind == 2:  # log loss (TF losses.log_loss), param = epsilon
-        return (-t * math.log(x + param) - (one - t) * math.log(one - x + param),
+        pw_loss = (one - ts) * x + coef * (softplus_abs + (zero if x > 0 else -x))
+        pw_grad = (one - ts) + coef * sig_minus_one
+        plain = pos_weight == one
+        return plain_loss if plain else pw_loss, plain_grad if plain else pw_grad
+    if kind == 2:  # log loss (TF losses.log_loss), param = epsilon; log(1 - x + eps) as log1p(eps - x):
+        # no rounding of 1 - x, so a confident p ~ 0 keeps its tiny loss
+        if fast:
+            return (-t * log_f32(x + param) - (one - t) * log1p_f32(param - x),
+                    -t / (x + param) + (one - t) / (one - x + param))
+        return (-t * math.log(x + param) - (one - t) * math.log1p(param - x),
                 -t / (x + param) + (one - t) / (one - x + param))
     d = x - t
     if kind == 3:
@@ -116,13 +130,35 @@ def _elementwise_loss(kind, x, t, param, pos_weight, one, zero):
     return zero, zero
 
 
-def _make_elementwise_kernel(name: str, kind: int):
-    """The element-wise kernel specialised for one loss.
+# Losses whose float32 kernel uses cpu_math's exp and log (the others need no transcendental).
+SIGMOID = ELEMENTWISE_KIND["sigmoid_cross_entropy"]
+_FAST_KINDS = {SIGMOID, ELEMENTWISE_KIND["log_loss"]}
 
-    ``kind`` is a closure constant, so the branches of _elementwise_loss fold
-    away and each loss gets its own vectorised loop from this one source; the
-    distinct ``__qualname__`` keeps Numba's on-disk cache entries apart.
+
+def _make_elementwise_kernel(name: str, kind: int, fast: bool):
+    """The element-wise kernel specialised for one loss (and, with ``fast``, for float32).
+
+    ``kind`` and ``fast`` are closure constants, so the branches of
+    _elementwise_loss fold away and each loss gets its own vectorised loop from
+    this one source; the distinct ``__qualname__`` keeps Numba's on-disk cache
+    entries apart.
     """
+
+    @njit(inline="always")
+    def block(x, t, j0, j1, w, g, pos_weight, pw_period, param, one, zero, has_pos_weight, want_loss, want_grad,
+              loss_out, grad_out):
+        """Elements [j0, j1) of one weight segment; returns their float32 sum of w l."""
+        block_sum = zero
+        for j in range(j0, j1):
+            p = pos_weight[j % pw_period] if has_pos_weight else one
+            l, dl = _elementwise_loss(kind, fast, x[j], t[j], param, p, one, zero)
+            wl = w * l
+            block_sum += wl
+            if want_loss:
+                loss_out[j] = wl
+            if want_grad:
+                grad_out[j] = g * dl
+        return block_sum
 
     def kernel(x, t, w_values, w_block, pos_weight, pw_period, param, grad_scale, want_loss, want_grad,
                loss_out, grad_out, partials):
@@ -141,21 +177,23 @@ def _make_elementwise_kernel(name: str, kind: int):
                 g = grad_scale * w
                 seg_hi = min(hi, (b + 1) * w_block)
                 for j0 in range(i, seg_hi, SUM_BLOCK):  # vector-lane partial sums, added into float64
-                    block_sum = zero
-                    for j in range(j0, min(seg_hi, j0 + SUM_BLOCK)):
-                        p = pos_weight[j % pw_period] if pw_period > 0 else one
-                        l, dl = _elementwise_loss(kind, x[j], t[j], param, p, one, zero)
-                        wl = w * l
-                        block_sum += wl
-                        if want_loss:
-                            loss_out[j] = wl
-                        if want_grad:
-                            grad_out[j] = g * dl
-                    acc += block_sum
+                    j1 = min(seg_hi, j0 + SUM_BLOCK)
+                    # want_loss and the pos_weight switch as literals in each copy: with a second
+                    # conditional store, or a conditional load, in the loop LLVM gave up on
+                    # vectorising the sigmoid and log losses (measured 4-7x slower).
+                    if kind == SIGMOID and pw_period > 0:
+                        acc += block(x, t, j0, j1, w, g, pos_weight, pw_period, param, one, zero, True, want_loss,
+                                     want_grad, loss_out, grad_out)
+                    elif want_loss:
+                        acc += block(x, t, j0, j1, w, g, pos_weight, pw_period, param, one, zero, False, True,
+                                     want_grad, loss_out, grad_out)
+                    else:
+                        acc += block(x, t, j0, j1, w, g, pos_weight, pw_period, param, one, zero, False, False,
+                                     want_grad, loss_out, grad_out)
                 i = seg_hi
             partials[c] = acc
 
-    kernel.__name__ = kernel.__qualname__ = f"_elementwise_kernel_{name}"
+    kernel.__name__ = kernel.__qualname__ = f"_elementwise_kernel_{name}{'_f32' if fast else ''}"
     return parallel_kernel(fastmath=_VEC)(kernel)
 
 
@@ -469,7 +507,10 @@ def _cosine_kernel(p, t, w_row, grad_scale, want_grad, loss_out, grad_out):
                 grad_out[n, k] = g * t[n, k]
 
 
-_ELEMENTWISE_KERNELS = {name: _make_elementwise_kernel(name, kind) for name, kind in ELEMENTWISE_KIND.items()}
+# (loss name, fast) -> kernel; fast variants only where they differ.
+_ELEMENTWISE_KERNELS = {(name, fast): _make_elementwise_kernel(name, kind, fast)
+                        for name, kind in ELEMENTWISE_KIND.items()
+                        for fast in ((False, True) if kind in _FAST_KINDS else (False,))}
 
 
 def _scalar(value, dtype):
@@ -546,7 +587,8 @@ class CpuBackend:
         loss_out = np.empty(size if want_loss else 0, dt.compute)
         grad = np.empty(size if return_grad else 0, dt.compute)
         partials = np.empty(math.ceil(size / CHUNK), np.float64)
-        _ELEMENTWISE_KERNELS[kind](size, x, t, w_values, reduce.weight_block, pw, pw_period,
+        fast = dt.compute == np.float32 and (kind, True) in _ELEMENTWISE_KERNELS
+        _ELEMENTWISE_KERNELS[kind, fast](size, x, t, w_values, reduce.weight_block, pw, pw_period,
                             _scalar(param, dt.compute), _scalar(scale, dt.compute), want_loss, return_grad,
                             loss_out, grad, partials)
         if want_loss:

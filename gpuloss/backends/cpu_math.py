@@ -15,6 +15,20 @@ AVX-512 code:
   degree 7 (truncation < 7.5e-9 relative, below half a float32 ulp), then
   2**k built in the exponent bits.  Measured max relative error over
   [-87, 0]: 7.9e-8 (tests/test_cpu_math.py checks it).
+* ``log_f32``: log x for any float32.  x = 2**k m with m in [sqrt(1/2),
+  sqrt(2)), then log m = 2 atanh(f) with f = (m - 1) / (m + 1), |f| < 0.172,
+  by its odd series to f**11 (truncation < 3e-10 relative); k ln2 added in
+  the two parts above.  Subnormals are scaled by 2**25 first; 0, negatives,
+  inf and NaN give -inf, NaN, inf and NaN as IEEE log does.  Measured max
+  relative error: 2.2e-7 over every float32 exponent.
+* ``log1p_f32``: log(1 + v) for any float32: the same series on v itself
+  when 1 + v is in [sqrt(1/2), sqrt(2)] (a tiny v keeps its digits), else
+  log_f32(1 + v).  Measured max relative error 2.6e-7 (1 + v rounds
+  just outside the series' range).
+* ``log1p_unit``: log(1 + u) for u in [0, 1], the softplus of sigmoid cross
+  entropy (u = e**-|x|): 2 atanh(u / (2 + u)), |f| <= 1/3, series to f**17.
+  No cancellation at tiny u (f is u/2 to one rounding).  Measured max
+  relative error 2.3e-7.
 """
 from __future__ import annotations
 
@@ -44,6 +58,17 @@ def int32_bits_to_float32(typingctx, bits):
 
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def float32_to_int32_bits(typingctx, x):
+    """The int32 bit pattern of a float32 (no conversion)."""
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
 
     return sig, codegen
 
@@ -82,3 +107,76 @@ def exp_nonpositive(t):
     e = p * scale
     # t - t is 0, or NaN for a NaN t: a NaN logit reaches the row sum, where the caller sees it.
     return ZERO if t <= EXP_FLOOR else e + (t - t)
+
+
+INF = F32(np.inf)
+NAN = F32(np.nan)
+TWO = F32(2.0)
+SQRT2 = F32(1.4142135623730951)
+SQRT2_MINUS_ONE = F32(0.4142135623730951)
+SQRT_HALF_MINUS_ONE = F32(-0.2928932188134524)
+SMALLEST_NORMAL = F32(np.finfo(np.float32).tiny)
+TWO_POW_25 = F32(2.0 ** 25)
+# Below this log1p(v) = v - v**2 / 2 rounds to v in float32.
+TINY = F32(2.0 ** -30)
+# 2 / (2j + 1): 2 atanh(f) = f * sum_j A_j f**(2j), the odd series of the logarithm.
+A1, A3, A5, A7, A9, A11, A13, A15, A17 = (F32(2 / (2 * j + 1)) for j in range(9))
+
+
+@njit(inline="always")
+def _log_near_one(v):
+    """log(1 + v) for 1 + v in [sqrt(1/2), sqrt(2)]: 2 atanh(f), f = v / (2 + v), |f| < 0.172."""
+    f = v / (TWO + v)
+    z = f * f
+    p = A11
+    p = p * z + A9
+    p = p * z + A7
+    p = p * z + A5
+    p = p * z + A3
+    p = p * z + A1
+    return f * p
+
+
+@njit(inline="always")
+def log_f32(x):
+    """Natural log of a float32 (see the module docstring); vectorisable: selects, no branches."""
+    subnormal = x < SMALLEST_NORMAL
+    xs = x * TWO_POW_25 if subnormal else x
+    bits = float32_to_int32_bits(xs)
+    k = ((bits >> np.int32(23)) & np.int32(0xFF)) - np.int32(127)
+    k = k - np.int32(25) if subnormal else k
+    m = int32_bits_to_float32((bits & np.int32(0x007FFFFF)) | np.int32(0x3F800000))  # [1, 2)
+    high = m > SQRT2
+    m = m * HALF if high else m
+    k = k + np.int32(1) if high else k
+    kf = F32(k)
+    r = kf * LN2_HI + (_log_near_one(m - ONE) + kf * LN2_LO)
+    finite_positive = (x > ZERO) & (x < INF)
+    special = -INF if x == ZERO else (INF if x == INF else NAN)  # NaN, and any x < 0, give NaN
+    return r if finite_positive else special
+
+
+@njit(inline="always")
+def log1p_f32(v):
+    """log(1 + v) for any float32 v: the series directly near 0 (no rounding of 1 + v, so a tiny v keeps
+    its digits), log_f32(1 + v) elsewhere (no cancellation there); vectorisable."""
+    near = (v > SQRT_HALF_MINUS_ONE) & (v < SQRT2_MINUS_ONE)
+    tiny = abs(v) < TINY  # log1p(v) = v to float32 precision; v / (2 + v) would lose a subnormal v
+    return v if tiny else (_log_near_one(v) if near else log_f32(ONE + v))
+
+
+@njit(inline="always")
+def log1p_unit(u):
+    """log(1 + u) for float32 u in [0, 1] (NaN passes through); vectorisable."""
+    f = u / (TWO + u)
+    z = f * f
+    p = A17
+    p = p * z + A15
+    p = p * z + A13
+    p = p * z + A11
+    p = p * z + A9
+    p = p * z + A7
+    p = p * z + A5
+    p = p * z + A3
+    p = p * z + A1
+    return u if u < TINY else f * p  # log1p(u) = u to float32 precision (and u / (2 + u) would lose a subnormal)
