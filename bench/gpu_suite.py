@@ -237,11 +237,8 @@ def _bf16_cross_entropy(backend, x_u16, y):
                             reduce=ReducePlan(Reduction.MEAN, (rows,), rows), outer=rows, classes=classes, inner=1,
                             index_target=True, has_class_weight=False, ignore_index=-100, label_smoothing=0.0,
                             return_grad=True, validate=False)
-    scal = backend._scal(plan.reduce, w, y=y, class_weight=None, ignore_index=-100, classes=classes)
-    loss_rows = cp.empty(rows, np.float32)
-    grad = cp.empty_like(x_u16)
-    backend._launch_xent(plan, "bf16", x_u16, y, x_u16, w, None, scal, loss_rows, loss_rows, grad)
-    return backend._finish_rows(plan.reduce, loss_rows, scal, plan.dtypes), grad
+    loss, _, grad = backend._xent(plan, "bf16", x_u16, y, y.dtype.itemsize, x_u16, w, None)
+    return loss, grad
 
 
 def _check_bf16_fallback() -> str:

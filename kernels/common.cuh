@@ -496,6 +496,47 @@ template <class A> GPULOSS_DEVICE SoftmaxState<A> block_reduce_softmax(SoftmaxSt
 }
 
 // ---------------------------------------------------------------------------
+// One launch, one result: the "last block done" finish (CUDA C++ Programming
+// Guide, memory fence functions, and its threadFenceReduction sample). Every
+// block writes its float64 partial(s) to global memory, then takes a ticket
+// from a counter; the block that draws ticket gridDim.x - 1 knows every other
+// block's partials are visible (each block fenced before taking its ticket)
+// and finishes the launch: it adds the partials with block_sum_partials, in a
+// fixed order, so the result does not depend on which block came last, and
+// sets the counter back to 0 (release_ticket), so the next launch, or the
+// replay of a captured CUDA graph, finds it at 0 without a memset launch.
+// The counter must not be shared with a kernel running at the same time
+// (gpuloss/backends/launch.py keeps one set per stream). Every thread of
+// every block must call last_block_done (it contains __syncthreads).
+GPULOSS_DEVICE bool last_block_done(unsigned int* ticket) {
+  __shared__ unsigned int is_last;
+  __threadfence();  // this thread's partial writes reach device scope before the ticket is taken
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(ticket, 1u) == gridDim.x - 1u ? 1u : 0u;
+  __syncthreads();
+  const bool last = is_last != 0u;
+  __syncthreads();  // is_last may be reused by the next call in this block
+  if (last) __threadfence();
+  return last;
+}
+
+// Called by the last block once it is done with the counter.
+GPULOSS_DEVICE void release_ticket(unsigned int* ticket) {
+  if (threadIdx.x == 0) *(volatile unsigned int*)ticket = 0u;
+}
+
+// Sum of p[0, n) by the whole block, in a fixed order (thread-strided, then
+// the fixed tree of block_reduce). Volatile loads: other blocks of this launch
+// wrote p, so the values must come from L2, never from a stale L1 line.
+GPULOSS_DEVICE double block_sum_partials(const double* p, index_t n) {
+  __shared__ double scratch[kMaxWarps];
+  const volatile double* vp = p;
+  double acc = 0.0;
+  for (index_t i = threadIdx.x; i < n; i += blockDim.x) acc += vp[i];
+  return block_reduce_sum(acc, scratch);
+}
+
+// ---------------------------------------------------------------------------
 // Launch geometry in 64-bit: blockIdx.x * blockDim.x is computed in 32 bits
 // by default and wraps past 2^32 threads.
 GPULOSS_DEVICE index_t global_thread_id() { return (index_t)blockIdx.x * (index_t)blockDim.x + (index_t)threadIdx.x; }

@@ -16,12 +16,13 @@
 //   identity     l = x (weighted_reduce)
 //   cosine       l[n] = 1 - sum_k p[n,k] t[n,k], dl/dp = -t           (TF cosine_distance)
 // Per element: L = w l with w = values[i / block] (docs/api.md §2.3.1); grad =
-// (scal[1] w) dl/dx where scal[1] = 1/denominator was written on the device
-// by reduce.cu, so no host round trip sits between the passes.
+// w dl/dx / denominator, the divisor written on the device by reduce.cu in the
+// launch before (mean, sum_by_nonzero_weights) or passed by value (gll::Denom),
+// so no host round trip sits between the launches.
 //
 // Launch shape: elementwise_fwd_bwd: 1-D grid, blockDim.x a multiple of 32,
 // each thread a grid-strided set of elements, summed in float64; one float64 partial of sum(L)
-// per block (reduce_finish adds them). cosine_fwd_bwd: `group` lanes per
+// per block, which the last block adds (gll::finish_reduced). cosine_fwd_bwd: `group` lanes per
 // measurement n = o*inner + i, reading p[o, :, i] at stride `inner`: with the
 // axis last (inner == 1) a group of up to 32 lanes reads a row together and
 // adds its dot product by shuffles; with inner > 1 one thread per measurement,
@@ -34,10 +35,13 @@
 // Entry points (<p> in f32, f64, f16, bf16, f16_f32, bf16_f32: input storage,
 // then target storage when it differs):
 //   elementwise_fwd_bwd_<p>(x, t, n, kind, param, w_values, w_count, w_block,
-//       pos_weight, pw_period, scal, loss_out, want_loss, grad, want_grad,
-//       partials, want_partials)
+//       pos_weight, pw_period, scal, denom_const, denom_on_device, loss_out,
+//       want_loss, grad, want_grad, partials, want_total, ticket, out)
 //   cosine_fwd_bwd_<p>(p, t, rows, length, inner, w_values, w_count, w_block,
-//       scal, loss_rows, grad, want_grad, group)
+//       scal, denom_const, denom_on_device, loss_rows, want_rows, grad, want_grad,
+//       group, partials, want_total, ticket, out)
+// with partials[2 * gridDim.x] and the one-element ticket counter of
+// gll::finish_reduced; out = {reduced loss, unused}.
 #include "common.cuh"
 #include "losses.cuh"
 
@@ -73,12 +77,11 @@ __device__ double elementwise_loop(const T* x, const P* t, index_t n, gl::acc_t<
 template <class T, class P>
 __device__ void elementwise_fwd_bwd(const T* x, const P* t, index_t n, int kind, gl::acc_t<T> param,
                                     const gl::acc_t<T>* w_values, index_t w_count, index_t w_block,
-                                    const gl::acc_t<T>* pos_weight, index_t pw_period, const double* scal,
+                                    const gl::acc_t<T>* pos_weight, index_t pw_period, const gll::Denom& denom,
                                     gl::acc_t<T>* loss_out, int want_loss, T* grad, int want_grad,
-                                    double* partials, int want_partials) {
+                                    double* partials, int want_total, unsigned int* ticket, gl::acc_t<T>* out) {
   typedef gl::acc_t<T> A;
-  __shared__ double scratch[gl::kMaxWarps];
-  const A inv = (A)scal[1];
+  const A inv = (A)denom.inverse();
   double acc = 0.0;
   // One loop per loss: the switch runs once per thread, not once per element.
 #define GPULOSS_EW_CASE(K)                                                                                   \
@@ -99,10 +102,7 @@ __device__ void elementwise_fwd_bwd(const T* x, const P* t, index_t n, int kind,
       acc = gl::quiet_nan<double>();  // an unknown kind is a launcher bug: make it loud
   }
 #undef GPULOSS_EW_CASE
-  if (want_partials) {
-    acc = gl::block_reduce_sum(acc, scratch);
-    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
-  }
+  if (want_total) gll::finish_reduced(acc, 0.0, partials, ticket, denom, out);
 }
 
 // `group` lanes (a power of two <= 32) share a measurement; group == 1 is one
@@ -110,10 +110,13 @@ __device__ void elementwise_fwd_bwd(const T* x, const P* t, index_t n, int kind,
 // the same iterations), so the group shuffles always see their whole warp.
 template <class T, class P>
 __device__ void cosine_fwd_bwd(const T* p, const P* t, index_t rows, index_t length, index_t inner,
-                               const gl::acc_t<T>* w_values, index_t w_count, index_t w_block, const double* scal,
-                               gl::acc_t<T>* loss_rows, T* grad, int want_grad, int group) {
+                               const gl::acc_t<T>* w_values, index_t w_count, index_t w_block,
+                               const gll::Denom& denom, gl::acc_t<T>* loss_rows, int want_rows, T* grad,
+                               int want_grad, int group, double* partials, int want_total, unsigned int* ticket,
+                               gl::acc_t<T>* out) {
   typedef gl::acc_t<T> A;
-  const A inv = (A)scal[1];
+  const A inv = (A)denom.inverse();
+  double acc = 0.0;  // this thread's float64 share of sum(L) (rank 0 of each group)
   const index_t per_warp = gl::kWarpSize / group;
   const int rank = gl::lane_id() & (group - 1);
   const index_t warp = gl::global_thread_id() / gl::kWarpSize;
@@ -132,7 +135,11 @@ __device__ void cosine_fwd_bwd(const T* p, const P* t, index_t rows, index_t len
     dot = gl::warp_reduce_sum(dot, group);
     if (!active) continue;
     const A w = gll::weight_at(w_values, w_count, w_block, n);
-    if (rank == 0) loss_rows[n] = w * (A(1) - dot);
+    if (rank == 0) {
+      const A l = w * (A(1) - dot);
+      if (want_rows) loss_rows[n] = l;
+      acc += (double)l;
+    }
     if (want_grad) {
       const A g = -(inv * w);
       for (index_t k = rank; k < length; k += group) {
@@ -140,6 +147,7 @@ __device__ void cosine_fwd_bwd(const T* p, const P* t, index_t rows, index_t len
       }
     }
   }
+  if (want_total) gll::finish_reduced(acc, 0.0, partials, ticket, denom, out);
 }
 
 }  // namespace
@@ -148,18 +156,21 @@ __device__ void cosine_fwd_bwd(const T* p, const P* t, index_t rows, index_t len
   extern "C" __global__ void elementwise_fwd_bwd_##sfx(                                                         \
       const T* x, const P* t, gl::index_t n, int kind, gl::acc_t<T> param, const gl::acc_t<T>* w_values,        \
       gl::index_t w_count, gl::index_t w_block, const gl::acc_t<T>* pos_weight, gl::index_t pw_period,          \
-      const double* scal, gl::acc_t<T>* loss_out, int want_loss, T* grad, int want_grad, double* partials,      \
-      int want_partials) {                                                                                      \
-    elementwise_fwd_bwd<T, P>(x, t, n, kind, param, w_values, w_count, w_block, pos_weight, pw_period, scal,    \
-                              loss_out, want_loss, grad, want_grad, partials, want_partials);                   \
+      const double* scal, double denom_const, int denom_on_device, gl::acc_t<T>* loss_out, int want_loss,       \
+      T* grad, int want_grad, double* partials, int want_total, unsigned int* ticket, gl::acc_t<T>* out) {      \
+    elementwise_fwd_bwd<T, P>(x, t, n, kind, param, w_values, w_count, w_block, pos_weight, pw_period,          \
+                              gll::Denom{scal, denom_const, denom_on_device}, loss_out, want_loss, grad,        \
+                              want_grad, partials, want_total, ticket, out);                                    \
   }                                                                                                             \
   GPULOSS_REGISTER(elementwise_fwd_bwd_##sfx)                                                                   \
-  extern "C" __global__ void cosine_fwd_bwd_##sfx(const T* p, const P* t, gl::index_t rows, gl::index_t length, \
-                                                  gl::index_t inner, const gl::acc_t<T>* w_values,              \
-                                                  gl::index_t w_count, gl::index_t w_block, const double* scal, \
-                                                  gl::acc_t<T>* loss_rows, T* grad, int want_grad, int group) {  \
-    cosine_fwd_bwd<T, P>(p, t, rows, length, inner, w_values, w_count, w_block, scal, loss_rows, grad,          \
-                         want_grad, group);                                                                     \
+  extern "C" __global__ void cosine_fwd_bwd_##sfx(                                                              \
+      const T* p, const P* t, gl::index_t rows, gl::index_t length, gl::index_t inner,                          \
+      const gl::acc_t<T>* w_values, gl::index_t w_count, gl::index_t w_block, const double* scal,               \
+      double denom_const, int denom_on_device, gl::acc_t<T>* loss_rows, int want_rows, T* grad, int want_grad,  \
+      int group, double* partials, int want_total, unsigned int* ticket, gl::acc_t<T>* out) {                   \
+    cosine_fwd_bwd<T, P>(p, t, rows, length, inner, w_values, w_count, w_block,                                 \
+                         gll::Denom{scal, denom_const, denom_on_device}, loss_rows, want_rows, grad, want_grad,  \
+                         group, partials, want_total, ticket, out);                                             \
   }                                                                                                             \
   GPULOSS_REGISTER(cosine_fwd_bwd_##sfx)
 

@@ -29,8 +29,13 @@
 // c * lse^2 per measurement (PaLM, Chowdhery et al. 2022, section 5), lse the
 // log-sum-exp of the (capped) row, weighted and ignored like the CE term
 // (index targets: by weight[n] * cw_y), with gradient 2 c lse p_j.
-// Loss row n is weight[n] * l (+ the z term); grad = scal[1] * weight[n] *
-// dl/dx, scal[1] = 1/denominator written by reduce.cu on the device. A NaN
+// Loss row n is weight[n] * l (+ the z term); grad = weight[n] * dl/dx /
+// denominator, the divisor read from scal = {D, 1/D} written by reduce.cu's
+// reduce_weights in the launch before, or passed by value when it is a number
+// of the shape (gll::Denom). Reduced results: each thread adds its rows'
+// losses (and z terms) in float64, each block writes one partial, and the
+// last block to finish adds the partials in a fixed order and writes
+// out = {loss, z term} (gll::finish_reduced): one launch, no reduce pass. A NaN
 // logit makes m and s NaN, so the row's loss and every grad entry of that row
 // are NaN; so does a +inf logit or a row of -inf (every class masked).
 //
@@ -71,7 +76,8 @@ struct XentArgs {
   typedef gl::acc_t<T> A;
   const T* x;
   index_t rows, C, inner;
-  const int64_t* y;  // index targets, one per measurement
+  const void* y;     // index targets, one per measurement: int32 (y_bytes 4) or int64 (8)
+  int y_bytes;
   const P* t;        // probability targets, the layout of x
   int index_target;
   const A* w_values;
@@ -83,12 +89,17 @@ struct XentArgs {
   A eps;
   A z_loss;            // c of the z term c * lse^2 (PaLM, Chowdhery et al. 2022, section 5); 0: off
   A softcap;           // s of x -> s * tanh(x / s) (Gemma 2 final-logit soft-capping); 0: off
-  const double* scal;  // {denominator, 1/denominator}
-  A* loss_rows;        // weight[n] * l[n] (the z term included)
-  A* z_rows;           // weight[n] * cw[y] * c * lse^2 alone, when want_z
+  gll::Denom denom;     // the reduction's divisor; the gradient is scaled by its inverse
+  A* loss_rows;         // weight[n] * l[n] (the z term included), when want_rows
+  A* z_rows;            // weight[n] * cw[y] * c * lse^2 alone, when want_rows and want_z
   int want_z;
+  int want_rows;        // reduction "none": write the per-row losses
   T* grad;
   int want_grad;
+  int want_total;       // reduced: per-block partials, and the last block writes out
+  double* partials;     // 2 * gridDim.x float64 (gll::finish_reduced)
+  unsigned int* ticket;  // the launch's "last block done" counter, 0 on entry and on exit
+  A* out;               // {loss, z term}, reduced
 
   GPULOSS_DEVICE A class_weight(index_t c) const { return has_cw ? cw[c] : A(1); }
   // The logit the softmax sees: capped when softcap is on (a +-inf logit becomes +-s).
@@ -143,8 +154,11 @@ struct SoloGroup {
 // lanes of a warp past the last row, which still take part in the shuffles).
 // Reductions are called unconditionally, under conditions uniform across the
 // launch, so no barrier or shuffle is ever skipped by part of a group.
+// Adds the row's weighted loss and z term to acc_l / acc_z on the member of
+// rank 0 (the launch's float64 partial sums when the result is reduced).
 template <class T, class P, class G>
-__device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool active) {
+__device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool active, double& acc_l,
+                         double& acc_z) {
   typedef gl::acc_t<T> A;
   const index_t C = a.C;
   const index_t stride = a.inner;
@@ -160,7 +174,7 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool 
   int64_t yn = 0;
   bool ignored = false, invalid = false;
   if (a.index_target && active) {
-    yn = a.y[n];
+    yn = gll::class_index(a.y, a.y_bytes, n);
     ignored = a.has_ignore && yn == a.ignore_index;
     invalid = !ignored && (yn < 0 || yn >= C);
   }
@@ -201,7 +215,7 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool 
   if (!a.index_target || (smoothing && a.has_cw)) extra = grp.sum(extra);
   else extra = (A)C;  // sum of unit class weights
   const A w = active ? gll::weight_at(a.w_values, a.w_count, a.w_block, n) : A(0);
-  const A g = (A)a.scal[1] * w;
+  const A g = (A)a.denom.inverse() * w;
   const A z_coef = A(2) * a.z_loss * lse;  // d (c lse^2) / d x'_j = 2 c lse p_j
 
   if (a.index_target) {
@@ -248,8 +262,12 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool 
         z = a.z_loss != A(0) ? w * cw_y * a.z_loss * lse * lse : A(0);
         l = w * l + z;
       }
-      a.loss_rows[n] = l;
-      if (a.want_z) a.z_rows[n] = z;
+      if (a.want_rows) {
+        a.loss_rows[n] = l;
+        if (a.want_z) a.z_rows[n] = z;
+      }
+      acc_l += (double)l;
+      acc_z += (double)z;
     }
   } else {
     const A mass = extra;
@@ -273,16 +291,30 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool 
     loss = grp.sum(loss);
     if (active && rank == 0) {
       const A z = a.z_loss != A(0) ? w * a.z_loss * lse * lse : A(0);
-      a.loss_rows[n] = w * loss + z;
-      if (a.want_z) a.z_rows[n] = z;
+      const A l = w * loss + z;
+      if (a.want_rows) {
+        a.loss_rows[n] = l;
+        if (a.want_z) a.z_rows[n] = z;
+      }
+      acc_l += (double)l;
+      acc_z += (double)z;
     }
   }
+}
+
+// The launch's end: nothing more for reduction "none"; else the reduced loss
+// and z term by the last block (gll::finish_reduced). The condition is uniform.
+template <class T, class P>
+__device__ void xent_finish(const XentArgs<T, P>& a, double acc_l, double acc_z) {
+  if (a.want_total) gll::finish_reduced(acc_l, acc_z, a.partials, a.ticket, a.denom, a.out);
 }
 
 template <class T, class P>
 __device__ void xent_block(const XentArgs<T, P>& a) {
   const BlockGroup grp;
-  for (index_t n = blockIdx.x; n < a.rows; n += gridDim.x) xent_row(a, grp, n, true);
+  double acc_l = 0.0, acc_z = 0.0;
+  for (index_t n = blockIdx.x; n < a.rows; n += gridDim.x) xent_row(a, grp, n, true, acc_l, acc_z);
+  xent_finish(a, acc_l, acc_z);
 }
 
 template <class T, class P>
@@ -291,31 +323,38 @@ __device__ void xent_warp(const XentArgs<T, P>& a, int group) {
   const index_t rows_per_warp = gl::kWarpSize / group;
   const index_t warp = gl::global_thread_id() / gl::kWarpSize;
   const index_t warps = gl::grid_stride() / gl::kWarpSize;
+  double acc_l = 0.0, acc_z = 0.0;
   // `first` is the same for every lane of the warp: the loop is warp-uniform.
   for (index_t first = warp * rows_per_warp; first < a.rows; first += warps * rows_per_warp) {
     const index_t n = first + gl::lane_id() / group;
-    xent_row(a, grp, n, n < a.rows);
+    xent_row(a, grp, n, n < a.rows, acc_l, acc_z);
   }
+  xent_finish(a, acc_l, acc_z);
 }
 
 template <class T, class P>
 __device__ void xent_strided(const XentArgs<T, P>& a) {
   const SoloGroup grp;
-  for (index_t n = gl::global_thread_id(); n < a.rows; n += gl::grid_stride()) xent_row(a, grp, n, true);
+  double acc_l = 0.0, acc_z = 0.0;
+  for (index_t n = gl::global_thread_id(); n < a.rows; n += gl::grid_stride()) xent_row(a, grp, n, true, acc_l, acc_z);
+  xent_finish(a, acc_l, acc_z);
 }
 
 }  // namespace
 
 #define XENT_PARAMS(T, P)                                                                                    \
-  const T *x, gl::index_t rows, gl::index_t classes, gl::index_t inner, const int64_t *y, const P *t,        \
+  const T *x, gl::index_t rows, gl::index_t classes, gl::index_t inner, const void *y, int y_bytes, const P *t, \
       int index_target, const gl::acc_t<T> *w_values, gl::index_t w_count, gl::index_t w_block,              \
       const gl::acc_t<T> *cw, int has_cw, int has_ignore, int64_t ignore_index, gl::acc_t<T> eps,            \
-      gl::acc_t<T> z_loss, gl::acc_t<T> softcap, const double *scal, gl::acc_t<T> *loss_rows,                \
-      gl::acc_t<T> *z_rows, int want_z, T *grad, int want_grad
+      gl::acc_t<T> z_loss, gl::acc_t<T> softcap, const double *scal, double denom_const, int denom_on_device, \
+      gl::acc_t<T> *loss_rows, gl::acc_t<T> *z_rows, int want_z, int want_rows, T *grad, int want_grad,      \
+      int want_total, double *partials, unsigned int *ticket, gl::acc_t<T> *out
 #define XENT_ARGS(T, P)                                                                                       \
-  XentArgs<T, P> a{x,      rows,         classes, inner,   y,    t,         index_target, w_values,          \
-                   w_count, w_block,     cw,      has_cw,  has_ignore, ignore_index, eps, z_loss, softcap,    \
-                   scal,   loss_rows,    z_rows,  want_z,  grad, want_grad}
+  XentArgs<T, P> a{x,          rows,      classes,   inner,        y,        y_bytes,  t,                      \
+                   index_target, w_values, w_count,  w_block,      cw,       has_cw,   has_ignore,             \
+                   ignore_index, eps,      z_loss,   softcap,      gll::Denom{scal, denom_const, denom_on_device}, \
+                   loss_rows,  z_rows,    want_z,    want_rows,    grad,     want_grad, want_total,            \
+                   partials,   ticket,    out}
 
 // No __launch_bounds__: at 1024 threads it would cap registers at 64 and make
 // the float64 row kernel (~94 registers at sm_90) spill; launch.py gives

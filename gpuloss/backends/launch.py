@@ -11,20 +11,28 @@ parameterised by two things only:
   ``get_function(name)`` gives kernels callable like ``cupy.RawKernel``:
   ``kernel(grid, block, args)``.
 
-The flow of a reduced loss, with no host synchronisation anywhere (except the
-one ``validate=True`` costs for class-index targets)::
+The launches of one loss call, with no host synchronisation anywhere (except
+the one ``validate=True`` costs for class-index targets) and no CuPy helper
+kernel in between (docs/design.md §4)::
 
-    reduce_weights_<a>  -> partials        (only for mean / sum_by_nonzero_weights)
-    reduce_denominator_f64 -> scal = {denominator, 1/denominator or 0}
-    <loss kernel>       reads scal[1] to scale the gradient; writes L or partials
-    reduce_sum_<a>      -> partials        (losses computed per row)
-    reduce_finish_<a>   -> the 0-d result
+    reduce_weights_<a>  -> scal = {denominator, 1/denominator or 0}
+                           (only mean / sum_by_nonzero_weights; every other
+                           divisor is a number of the shape, passed by value)
+    <loss kernel>       reads the divisor to scale the gradient; writes the
+                        per-row losses ("none"), or per-block partials whose
+                        last block writes the 0-d result
+
+Both reduce in one launch with the "last block done" finish
+(gl::last_block_done in kernels/common.cuh): its ticket counters live in
+a small buffer per (device, stream) that this class allocates once, zeroed
+once by ``xp.zeros``, and that every launch leaves at 0.
 
 Every block size and grid size below is a function of the shapes only, never
 of the device or of timing, so a result depends on its inputs alone (docs/api.md §3.3).
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import numpy as np
@@ -57,6 +65,11 @@ SOLO_MAX_CLASSES = 32
 # too: 1024 x 94 would exceed an SM's 64K registers and the launch would fail.
 ROW_BLOCK_MIN, ROW_BLOCK_MAX, ROW_BLOCK_MAX_F64 = 128, 512, 512
 MAX_ROW_BLOCKS = 65535
+# Ticket counters of the "last block done" finishes, per stream: one for the
+# denominator launch, one for the loss launch.
+TICKET_DENOM, TICKET_LOSS, TICKET_SLOTS = 0, 1, 2
+# cudaStreamPerThread: one handle that means a different stream in each host thread.
+_PER_THREAD_STREAM = 2
 
 
 def _round_up(n: int, k: int) -> int:
@@ -147,6 +160,7 @@ class LaunchBackend:
         self._kernels: dict[str, object] = {}
         self._dummies: dict[str, object] = {}
         self._limits: dict[str, int] = {}
+        self._tickets: dict[tuple, object] = {}
 
     def __repr__(self) -> str:
         return f"<LaunchBackend {self.name} ({self.xp.__name__})>"
@@ -197,102 +211,147 @@ class LaunchBackend:
         t = self._contiguous(target, dt.compute)
         return t, (sfx + "_f32" if dt.compute != dt.input else sfx)
 
-    # -- denominators and reductions --------------------------------------------------------
-    def _scal(self, reduce: ReducePlan, w_values, *, y=None, class_weight=None, ignore_index: int | None = None,
-              classes: int = 0):
-        """Device array {denominator, 1/denominator (0 for 0)} of docs/api.md §2.3, float64[2],
-        by host.denominator_rule (the one table of divisors).
+    def _ticket(self, slot: int):
+        """The one-element uint32 ticket counter ``slot`` of the current (device, stream).
 
-        With ``y`` (class-index cross entropy) the weights are weight[n] * cw[y[n]],
-        0 where ignored; otherwise the (values, block) layout's values.
+        The counters of a stream are allocated and zeroed (``xp.zeros``) once, on the
+        first call on that stream, and every kernel leaves its counter at 0 (the last
+        block resets it), so no call launches a memset and a CUDA graph replays as
+        captured. Launches on one stream run one after another, so they may share a
+        counter; launches on two streams may run at once, so each stream has its own
+        (a graph captured on a stream uses that stream's counters: replay it on the
+        stream it was captured on, or ordered with the other calls made there). The
+        emulator runs one launch at a time: one set serves every call.
         """
+        cuda = getattr(self.xp, "cuda", None)
+        if cuda is None:
+            key: tuple = ()
+        else:
+            stream = cuda.get_current_stream().ptr
+            key = (cuda.runtime.getDevice(), stream)
+            if stream == _PER_THREAD_STREAM:
+                key += (threading.get_ident(),)
+        t = self._tickets.get(key)
+        if t is None:
+            t = self._tickets[key] = self.xp.zeros(TICKET_SLOTS, np.uint32)
+        return t[slot:slot + 1]
+
+    # -- denominators and the per-call workspace --------------------------------------------
+    def _denominator(self, reduce: ReducePlan, w, *, per_measurement: bool, n: int):
+        """(mode, number, blocks, threads) of the divisor by host.denominator_rule (the one table
+        of divisors): blocks == 0 when it is a constant of the shape (no launch)."""
+        mode, number = host.denominator_rule(reduce, None if per_measurement else w.size)
+        if mode == host.DENOM_CONSTANT:
+            return mode, number, 0, 0
+        return (mode, number, *grid_1d(n))
+
+    def _workspace(self, dt: DtypePlan, loss_blocks: int, denom_blocks: int):
+        """One float64 allocation per call: ``out`` (the reduced {loss, z term} in the compute
+        dtype), ``scal`` ({denominator, 1/denominator}), then the loss launch's and the
+        denominator launch's partials (2 per block each). The 0-d results are views of it, so
+        everything a captured CUDA graph writes stays alive as long as its results do."""
         xp = self.xp
-        scal = xp.empty(2, np.float64)
-        mode, number = host.denominator_rule(reduce, None if y is not None else w_values.size)
-        partials, nparts = self._dummy(np.float64), 0
-        if mode != host.DENOM_CONSTANT:
-            acc = w_values.dtype
-            if y is not None:
-                n, w_block, use_targets = y.size, reduce.weight_block, 2 if class_weight is not None else 1
-            else:
-                n, w_block, use_targets = w_values.size, 1, 0
-            blocks, threads = grid_1d(n)
-            partials, nparts = xp.empty(2 * blocks, np.float64), blocks
-            self._launch(f"reduce_weights_{dtype_suffix(acc)}", blocks, threads, (
-                w_values, np.int64(w_values.size), np.int64(w_block),
-                y if y is not None else self._dummy(np.int64),
-                class_weight if class_weight is not None else self._dummy(acc),
-                np.int64(classes), np.int32(ignore_index is not None),
-                np.int64(0 if ignore_index is None else ignore_index), np.int32(use_targets), np.int64(n), partials))
-        constant, mult = (number, 1.0) if mode == host.DENOM_CONSTANT else (1.0, number)
-        self._launch("reduce_denominator_f64", 1, one_block(nparts), (
-            partials, np.int64(nparts), np.int32(mode), np.float64(constant), np.float64(mult), scal))
-        return scal
+        ws = xp.empty(4 + 2 * loss_blocks + 2 * denom_blocks, np.float64)
+        out = ws[:2].view(dt.compute)
+        scal = ws[2:4]
+        part = ws[4:4 + 2 * loss_blocks] if loss_blocks else self._dummy(np.float64)
+        dpart = ws[4 + 2 * loss_blocks:] if denom_blocks else self._dummy(np.float64)
+        return out, scal, part, dpart
 
-    def _finish(self, partials, nparts: int, scal, dt: DtypePlan):
-        out = self.xp.empty(1, dt.compute)
-        self._launch(f"reduce_finish_{dtype_suffix(dt.compute)}", 1, one_block(nparts),
-                     (partials, np.int64(nparts), scal, out))
-        return out.reshape(())
+    def _launch_denominator(self, den, w, dpart, scal, *, y=None, y_bytes: int = 8, cw=None,
+                            ignore_index: int | None = None, classes: int = 0, w_block: int = 1) -> tuple:
+        """Launch reduce_weights when the divisor needs the weights; returns the loss kernel's
+        divisor arguments ``(scal, constant, on_device)`` (gll::Denom).
 
-    def _finish_rows(self, reduce: ReducePlan, loss_rows, scal, dt: DtypePlan):
-        """Per-row weighted losses -> the result: reshaped for "none", else a
-        deterministic two-pass float64 sum times 1/denominator."""
-        if reduce.reduction == Reduction.NONE:
-            return loss_rows.reshape(reduce.loss_shape)
-        blocks, threads = grid_1d(loss_rows.size)
-        partials = self.xp.empty(blocks, np.float64)
-        self._launch(f"reduce_sum_{dtype_suffix(dt.compute)}", blocks, threads,
-                     (loss_rows, np.int64(loss_rows.size), partials))
-        return self._finish(partials, blocks, scal, dt)
+        With ``y`` (class-index cross entropy) the weights are weight[n] * cw[y[n]], 0 where
+        ignored; otherwise the (values, block) layout's values."""
+        mode, number, blocks, threads = den
+        if mode == host.DENOM_CONSTANT:
+            return scal, np.float64(number), np.int32(0)
+        acc = w.dtype
+        if y is not None:
+            n, use_targets = y.size, 2 if cw is not None else 1
+        else:
+            n, w_block, use_targets = w.size, 1, 0
+        self._launch(f"reduce_weights_{dtype_suffix(acc)}", blocks, threads, (
+            w, np.int64(w.size), np.int64(w_block), y if y is not None else self._dummy(np.int64), np.int32(y_bytes),
+            cw if cw is not None else self._dummy(acc), np.int64(classes), np.int32(ignore_index is not None),
+            np.int64(0 if ignore_index is None else ignore_index), np.int32(use_targets), np.int64(n),
+            np.int32(mode), np.float64(number), dpart, self._ticket(TICKET_DENOM), scal))
+        return scal, np.float64(0.0), np.int32(1)
 
     def _weights(self, w_values, dt: DtypePlan):
         return self._contiguous(w_values.reshape(-1), dt.compute)
 
+    def _class_targets(self, target):
+        """(array, bytes per element) of class-index targets as the kernels read them.
+
+        int32 and int64 are read as they are stored (a reshape of a contiguous array
+        launches nothing); any other integer dtype, or a non-contiguous view, is first
+        converted to int64 by host.class_indices: an input conversion, on CuPy one
+        kernel before the counted launches (docs/design.md §4)."""
+        if target.flags.c_contiguous and np.dtype(target.dtype) in (np.dtype(np.int32), np.dtype(np.int64)):
+            y = target.reshape(-1)
+            return y, y.dtype.itemsize
+        return host.class_indices(target), 8
+
     # -- the backend interface --------------------------------------------------------------
     def cross_entropy(self, plan: CrossEntropyPlan, logits, target, w_values, class_weight):
-        xp = self.xp
         dt = plan.dtypes
-        rows, classes = plan.rows, plan.classes
         x = self._contiguous(logits)
         w = self._weights(w_values, dt)
         cw = None if class_weight is None else self._contiguous(class_weight, dt.compute)
         if plan.index_target:
-            y = host.class_indices(target)
+            y, y_bytes = self._class_targets(target)
             t, sfx = self._dummy(dt.input), dtype_suffix(dt.input)
-            scal = self._scal(plan.reduce, w, y=y, class_weight=cw, ignore_index=plan.ignore_index,
-                              classes=classes)
         else:
-            y = self._dummy(np.int64)
+            y, y_bytes = self._dummy(np.int64), 8
             t, sfx = self._second_operand(target, dt)
-            scal = self._scal(plan.reduce, w)
-        loss_rows = xp.empty(rows, dt.compute)
-        z_rows = xp.empty(rows, dt.compute) if plan.return_z_loss else self._dummy(dt.compute)
-        grad = xp.empty(logits.shape, dt.input) if plan.return_grad else self._dummy(dt.input)
-        self._launch_xent(plan, sfx, x, y, t, w, cw, scal, loss_rows, z_rows, grad)
-        loss = self._finish_rows(plan.reduce, loss_rows, scal, dt)
-        z_term = self._finish_rows(plan.reduce, z_rows, scal, dt) if plan.return_z_loss else None
-        return loss, z_term, (grad if plan.return_grad else None)
+        loss, z_term, grad = self._xent(plan, sfx, x, y, y_bytes, t, w, cw)
+        return loss, (z_term if plan.return_z_loss else None), (grad if plan.return_grad else None)
 
-    def _launch_xent(self, plan: CrossEntropyPlan, sfx: str, x, y, t, w, cw, scal, loss_rows, z_rows, grad):
-        """The one packing of kernels/xent.cu's XENT_PARAMS, launched as the variant for the plan's
-        shape (bench/gpu_suite.py reuses it for bfloat16 held in uint16 storage)."""
-        A = plan.dtypes.compute.type
+    def _xent(self, plan: CrossEntropyPlan, sfx: str, x, y, y_bytes: int, t, w, cw):
+        """Cross entropy in at most two launches: reduce_weights (mean / sum_by_nonzero_weights
+        only), then the kernels/xent.cu variant for the plan's shape, whose last block reduces.
+        The one packing of XENT_PARAMS (bench/gpu_suite.py reuses it for bfloat16 held in
+        uint16 storage). Returns (loss, z term, grad); the last two may be unused dummies."""
+        xp = self.xp
+        dt = plan.dtypes
+        A = dt.compute.type
+        reduce = plan.reduce
+        reduced = reduce.reduction != Reduction.NONE
+        rows = plan.rows
+        variant, blocks, threads, group = xent_launch(rows, plan.classes, plan.inner, dt.compute.itemsize)
+        den = self._denominator(reduce, w, per_measurement=plan.index_target, n=rows)
+        out, scal, part, dpart = self._workspace(dt, blocks if reduced else 0, den[2])
         has_ignore = plan.ignore_index is not None
-        args = (x, np.int64(plan.rows), np.int64(plan.classes), np.int64(plan.inner), y, t,
-                np.int32(plan.index_target), w, np.int64(w.size), np.int64(plan.reduce.weight_block),
-                cw if cw is not None else self._dummy(plan.dtypes.compute), np.int32(cw is not None),
+        if plan.index_target:
+            denom = self._launch_denominator(den, w, dpart, scal, y=y, y_bytes=y_bytes, cw=cw,
+                                             ignore_index=plan.ignore_index, classes=plan.classes,
+                                             w_block=reduce.weight_block)
+        else:
+            denom = self._launch_denominator(den, w, dpart, scal)
+        dummy = self._dummy(dt.compute)
+        loss_rows = dummy if reduced else xp.empty(rows, dt.compute)
+        z_rows = xp.empty(rows, dt.compute) if plan.return_z_loss and not reduced else dummy
+        grad = xp.empty(x.shape, x.dtype) if plan.return_grad else self._dummy(x.dtype)
+        args = (x, np.int64(rows), np.int64(plan.classes), np.int64(plan.inner), y, np.int32(y_bytes), t,
+                np.int32(plan.index_target), w, np.int64(w.size), np.int64(reduce.weight_block),
+                cw if cw is not None else dummy, np.int32(cw is not None),
                 np.int32(has_ignore), np.int64(plan.ignore_index if has_ignore else 0), A(plan.label_smoothing),
-                A(plan.z_loss), A(plan.softcap), scal, loss_rows, z_rows, np.int32(plan.return_z_loss), grad,
-                np.int32(plan.return_grad))
-        variant, blocks, threads, group = xent_launch(plan.rows, plan.classes, plan.inner,
-                                                      plan.dtypes.compute.itemsize)
+                A(plan.z_loss), A(plan.softcap), *denom, loss_rows, z_rows, np.int32(plan.return_z_loss),
+                np.int32(not reduced), grad, np.int32(plan.return_grad), np.int32(reduced), part,
+                self._ticket(TICKET_LOSS), out)
         if variant == "warp":
             self._launch(f"xent_warp_fwd_bwd_{sfx}", blocks, threads, args + (np.int32(group),))
         elif variant == "block":
             self._launch(f"xent_fwd_bwd_{sfx}", blocks, threads, args)
         else:
             self._launch(f"xent_strided_fwd_bwd_{sfx}", blocks, threads, args)
+        if reduced:
+            return out[0:1].reshape(()), (out[1:2].reshape(()) if plan.return_z_loss else None), grad
+        z_term = z_rows.reshape(reduce.loss_shape) if plan.return_z_loss else None
+        return loss_rows.reshape(reduce.loss_shape), z_term, grad
 
     def elementwise(self, plan: ElementwisePlan, pred, target, w_values, pos_weight):
         dt = plan.dtypes
@@ -310,36 +369,42 @@ class LaunchBackend:
         return loss
 
     def _run_elementwise(self, kind, reduce, dt, x, t, sfx, w_values, pw, pw_period, param, return_grad, shape):
+        """One launch (two for mean / sum_by_nonzero_weights: the divisor first)."""
         xp = self.xp
         n = x.size
         w = self._weights(w_values, dt)
-        scal = self._scal(reduce, w)
         want_loss = reduce.reduction == Reduction.NONE
+        blocks, threads = grid_1d(n)
+        den = self._denominator(reduce, w, per_measurement=False, n=w.size)
+        out, scal, part, dpart = self._workspace(dt, 0 if want_loss else blocks, den[2])
+        denom = self._launch_denominator(den, w, dpart, scal)
         loss_out = xp.empty(n, dt.compute) if want_loss else self._dummy(dt.compute)
         grad = xp.empty(n, dt.input) if return_grad else self._dummy(dt.input)
-        blocks, threads = grid_1d(n)
-        partials = self._dummy(np.float64) if want_loss else xp.empty(blocks, np.float64)
         self._launch(f"elementwise_fwd_bwd_{sfx}", blocks, threads, (
             x, t, np.int64(n), np.int32(ELEMENTWISE_KIND[kind]), dt.compute.type(param), w, np.int64(w.size),
-            np.int64(reduce.weight_block), pw, np.int64(pw_period), scal, loss_out, np.int32(want_loss), grad,
-            np.int32(return_grad), partials, np.int32(not want_loss)))
-        loss = loss_out.reshape(reduce.loss_shape) if want_loss else self._finish(partials, blocks, scal, dt)
+            np.int64(reduce.weight_block), pw, np.int64(pw_period), *denom, loss_out, np.int32(want_loss), grad,
+            np.int32(return_grad), part, np.int32(not want_loss), self._ticket(TICKET_LOSS), out))
+        loss = loss_out.reshape(reduce.loss_shape) if want_loss else out[0:1].reshape(())
         return loss, (grad.reshape(shape) if return_grad else None)
 
     def cosine_distance(self, plan: CosinePlan, pred, target, w_values):
+        """One launch (two for mean / sum_by_nonzero_weights: the divisor first)."""
         xp = self.xp
         dt = plan.dtypes
         p = self._contiguous(pred)
         t, sfx = self._second_operand(target, dt)
         w = self._weights(w_values, dt)
-        scal = self._scal(plan.reduce, w)
         rows = plan.rows
-        loss_rows = xp.empty(rows, dt.compute)
-        grad = xp.empty(pred.shape, dt.input) if plan.return_grad else self._dummy(dt.input)
+        reduced = plan.reduce.reduction != Reduction.NONE
         blocks, threads, group = cosine_launch(rows, plan.length, plan.inner)
+        den = self._denominator(plan.reduce, w, per_measurement=False, n=w.size)
+        out, scal, part, dpart = self._workspace(dt, blocks if reduced else 0, den[2])
+        denom = self._launch_denominator(den, w, dpart, scal)
+        loss_rows = self._dummy(dt.compute) if reduced else xp.empty(rows, dt.compute)
+        grad = xp.empty(pred.shape, dt.input) if plan.return_grad else self._dummy(dt.input)
         self._launch(f"cosine_fwd_bwd_{sfx}", blocks, threads, (
             p, t, np.int64(rows), np.int64(plan.length), np.int64(plan.inner), w, np.int64(w.size),
-            np.int64(plan.reduce.weight_block), scal, loss_rows, grad, np.int32(plan.return_grad),
-            np.int32(group)))
-        loss = self._finish_rows(plan.reduce, loss_rows, scal, dt)
+            np.int64(plan.reduce.weight_block), *denom, loss_rows, np.int32(not reduced), grad,
+            np.int32(plan.return_grad), np.int32(group), part, np.int32(reduced), self._ticket(TICKET_LOSS), out))
+        loss = out[0:1].reshape(()) if reduced else loss_rows.reshape(plan.reduce.loss_shape)
         return loss, (grad if plan.return_grad else None)
