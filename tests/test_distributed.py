@@ -528,3 +528,57 @@ def test_killed_rank_stops_the_others_with_an_error(tmp_path):
     assert last.startswith("gpuloss train: stopped at iteration ")
     assert "failed on rank 0 of 2" in last
     print(f"rank 0 stopped {took:.1f} s after rank 1 was killed: {last}")
+
+
+@pytest.mark.slow
+def test_rank_failing_in_the_test_phase_stops_every_rank(tmp_path):
+    """Rank 1's share of the test set holds a label out of range, so its test phase raises before the
+    test results are all-reduced.  Every rank learns it in the small all-reduce that ends the test phase
+    (gpuloss/graph/distributed.py DataParallel.together): rank 0 stops at once with an error naming rank 1
+    and its error, rank 1 with its own error, both far within --dist-timeout (120 s)."""
+    import subprocess
+    import time
+    from gpuloss.graph.data import load_digits_split
+    train, test = load_digits_split(seed=0)
+    label = test["label"].copy()
+    label[len(label) // 2 + 3] = 99          # in rank 1's half of the 360 test samples
+    np.savez(tmp_path / "train.npz", **train)
+    np.savez(tmp_path / "test.npz", data=test["data"], label=label)
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = _train_env({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        procs.append(subprocess.Popen([sys.executable, "-m", "gpuloss", "train", "--max-iter", "10", "--no-progress",
+                                       "--data", str(tmp_path / "train.npz"), "--test-data",
+                                       str(tmp_path / "test.npz"), "--dist-timeout", "120"], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.monotonic() + HARD_TIMEOUT
+        seen = []
+        while time.monotonic() < deadline:   # rank 0 prints "iteration 10: ..." when training ends
+            line = procs[0].stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if line.startswith("iteration 10:"):
+                break
+        assert seen and seen[-1].startswith("iteration 10:"), seen
+        start = time.monotonic()             # the test phase starts now
+        _, err0 = procs[0].communicate(timeout=max(1.0, deadline - time.monotonic()))
+        _, err1 = procs[1].communicate(timeout=max(1.0, deadline - time.monotonic()))
+        took = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    last0, last1 = err0.strip().splitlines()[-1], err1.strip().splitlines()[-1]
+    assert procs[0].returncode == 1, err0
+    assert last0.startswith("gpuloss train: stopped at iteration 10: the test phase failed on rank 1 of 2: "
+                            "GraphError: layer 'loss' (SoftmaxWithLoss): "), last0
+    assert "= 99 is not a class index in [0, 10)" in last0 and last0.endswith("rank 0 stops too")
+    assert procs[1].returncode == 2, err1
+    assert last1.startswith("gpuloss train: rank 1 of 2: layer 'loss' (SoftmaxWithLoss): "), last1
+    assert took < 60, f"the ranks took {took:.1f} s to stop after training ended"
+    print(f"both ranks stopped {took:.1f} s after training ended: {last0}")

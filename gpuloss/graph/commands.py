@@ -83,10 +83,14 @@ def _one_line(command: str, exc: BaseException) -> str:
         text = f"{exc.filename}: {exc.strerror or exc}"
     else:
         text = str(exc)
+    return f"gpuloss {command}: " + _cli_text(text)
+
+
+def _cli_text(text: str) -> str:
     # The functional API (and Net) suggest an argument the command line cannot pass.
     text = re.sub(r";?\s*(?:pass|build the Net with) validate=False[^;]*",
                   "; fix the data: the command line always checks labels", text)
-    return f"gpuloss {command}: " + " ".join(text.split())
+    return " ".join(text.split())
 
 
 class _Terminated(BaseException):
@@ -117,11 +121,11 @@ def _train_cmd(args) -> int:
                   snapshot_prefix=args.snapshot_prefix, seed=args.seed, progress=not args.no_progress,
                   threads=args.threads, dist_timeout=args.dist_timeout, _status=status)
     except _user_errors() as exc:
-        print(_one_line("train", exc), file=sys.stderr)
+        print(_with_rank(_one_line("train", exc)), file=sys.stderr)
         return 2
     except _distributed_failure() as exc:
         where = f" at iteration {status['iter']}" if "iter" in status else ""
-        print(f"gpuloss train: stopped{where}: {exc}", file=sys.stderr)
+        print(f"gpuloss train: stopped{where}: {_cli_text(str(exc))}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, _Terminated) as exc:
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
@@ -130,6 +134,15 @@ def _train_cmd(args) -> int:
         print(f"gpuloss train: {what}{where}{snap}", file=sys.stderr)
         return 130 if what == "interrupted" else 128 + signal.SIGTERM
     return 0
+
+
+def _with_rank(line: str) -> str:
+    """``gpuloss train: rank R of W: ...`` when this process is one of several ranks (their lines interleave)."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK")
+    if rank is None or not world.isdigit() or int(world) <= 1:
+        return line
+    head, sep, rest = line.partition(": ")
+    return f"{head}{sep}rank {rank} of {world}: {rest}"
 
 
 def _distributed_failure():

@@ -178,7 +178,7 @@ class DataParallel:
             raise GraphError(f"the test set holds {n} samples, fewer than the {self.world} ranks")
         part = self.shard(arrays)
         local_n = len(next(iter(part.values())))
-        means = evaluate_fn(net, part)
+        means = self.together("the test phase", evaluate_fn, net, part)
         keys = list(means)   # the same net on every rank: the same outputs in the same order
         t = torch.tensor([means[k] * local_n for k in keys], dtype=torch.float64)
         if self._cuda:
@@ -186,6 +186,44 @@ class DataParallel:
         self._collective("all-reduce of the test results", self._dist.all_reduce, t)
         t = t.cpu()
         return {k: float(t[i]) / n for i, k in enumerate(keys)}
+
+    def together(self, what: str, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on every rank, then one small all-reduce in which each rank says whether
+        it raised.  A rank whose ``fn`` raised re-raises its own error after that collective; every other
+        rank raises :class:`DistributedFailure` naming the failed rank(s) and their errors.
+
+        Without it a rank that fails between two collectives leaves the others waiting in the next one
+        until they notice: gloo sees the closed connection when the failed process exits, NCCL only at the
+        process group's timeout, and either way the others can only say that "another rank" failed.
+        """
+        failure = None
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:   # SIGINT/SIGTERM (BaseException) end the process: the others see it die
+            failure, result = exc, None
+        self._check_none_failed(what, failure)
+        return result
+
+    def _check_none_failed(self, what: str, failure) -> None:
+        import torch
+        flags = torch.zeros(self.world, dtype=torch.float64)
+        if failure is not None:
+            flags[self.rank] = 1.0
+        if self._cuda:
+            flags = flags.cuda()
+        self._collective(f"the all-reduce that ends {what}", self._dist.all_reduce, flags)
+        failed = [r for r, f in enumerate(flags.cpu().tolist()) if f]
+        if not failed:
+            return
+        texts = [None] * self.world   # the failed ranks' one-line errors, for every rank's message
+        self._collective(f"the exchange of the errors of {what}", self._dist.all_gather_object, texts,
+                         None if failure is None else _first_line(failure))
+        if failure is not None:
+            raise failure
+        also = f" (and on rank{'s' if len(failed) > 2 else ''} {', '.join(map(str, failed[1:]))})" \
+            if len(failed) > 1 else ""
+        raise DistributedFailure(f"{what} failed on rank {failed[0]} of {self.world}{also}: {texts[failed[0]]}; "
+                                 f"rank {self.rank} stops too")
 
     def barrier(self) -> None:
         self._collective("barrier", self._dist.barrier)
