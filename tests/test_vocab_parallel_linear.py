@@ -263,6 +263,27 @@ def test_world_of_one_return_z_and_no_input_grad(rng):
     assert float(again) == float(loss.detach())
 
 
+def test_world_of_one_3d_input_rows_weighted_backward(rng):
+    """input [2, 5, H] and target [2, 5]; reduction "none" with a grad_output that is not all ones (backward
+    recomputes d W from the kept statistics) against torch float64 autograd."""
+    import gpuloss.torch as gt
+    case = _make_case(rng, 10, 6, 40, OPTIONS[-1], "none", np.float64, chunk_rows=3, grad_output=True)
+    x = torch.from_numpy(case["x"].reshape(2, 5, 6)).requires_grad_(True)
+    W = torch.from_numpy(case["W"]).requires_grad_(True)
+    b = torch.from_numpy(case["b"]).requires_grad_(True)
+    kw = {k: (torch.from_numpy(val.reshape(2, 5)) if k == "weight" else torch.from_numpy(val))
+          if isinstance(val, np.ndarray) else val for k, val in case["kw"].items()}
+    loss = gt.vocab_parallel_linear_cross_entropy(x, W, torch.from_numpy(case["y"].reshape(2, 5)), linear_bias_shard=b,
+                                                  reduction="none", chunk_rows=3, **kw)
+    assert loss.shape == (2, 5)
+    loss.backward(torch.from_numpy(case["grad_output"].reshape(2, 5)))
+    ref = torch_reference(case)
+    np.testing.assert_allclose(loss.detach().numpy().reshape(-1), ref[0], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(x.grad.numpy().reshape(10, 6), ref[1], rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(W.grad.numpy(), ref[2], rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(b.grad.numpy(), ref[3], rtol=1e-11, atol=1e-13)
+
+
 def test_argument_errors():
     import gpuloss.torch as gt
     x, W, y = torch.randn(4, 3), torch.randn(5, 3), torch.randint(0, 5, (4,))

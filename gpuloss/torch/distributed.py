@@ -415,7 +415,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         o = ctx.opts
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if o["reduction"] == "none" and not bool((grad_loss == 1).all()):
-            g = grad_loss.reshape(-1).to(d_x.dtype if d_x is not None else torch.float64)
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            g = grad_loss.reshape(-1).to(acc)
             # d loss_n / d input scales per row; d loss_n / d W does not: rerun the chunks' finish with
             # grad_output as per-row weights, from the statistics kept in forward (no collective).
             if need_w or need_b:
@@ -423,7 +424,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                                                 m, packed, o, ctx.kept_scalars, need_w, need_b)
             out_x = None
             if need_x and d_x is not None:
-                out_x = (d_x.reshape(-1, d_x.shape[-1]).to(g.dtype) * g.reshape(-1, 1)).reshape(d_x.shape)
+                out_x = (d_x.reshape(-1, d_x.shape[-1]).to(acc) * g.reshape(-1, 1)).reshape(d_x.shape)
                 out_x = out_x.to(x.dtype)
             return (out_x, d_w if need_w else None, d_b if need_b else None) + (None,) * 4
         g = grad_loss if grad_loss.ndim == 0 else torch.ones((), dtype=grad_loss.dtype, device=grad_loss.device)
