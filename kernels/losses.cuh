@@ -74,6 +74,22 @@ GPULOSS_DEVICE int64_t class_index(const void* y, int y_bytes, index_t n) {
   return y_bytes == 4 ? (int64_t) static_cast<const int32_t*>(y)[n] : static_cast<const int64_t*>(y)[n];
 }
 
+// Weight of measurement i in the divisor of a mean (reduce.cu): w[i] = values[i / block],
+// times for use_targets 1: 0 where y[i] == ignore_index (only when has_ignore),
+// 2: the same and cw[y[i]] (an out-of-range target keeps its weight and reads no cw).
+template <class A>
+GPULOSS_DEVICE double divisor_weight(const A* w_values, index_t w_count, index_t w_block, const void* y,
+                                     int y_bytes, const A* cw, index_t classes, int has_ignore,
+                                     int64_t ignore_index, int use_targets, index_t i) {
+  double w = (double)weight_at(w_values, w_count, w_block, i);
+  if (use_targets) {
+    const int64_t yi = class_index(y, y_bytes, i);
+    if (has_ignore && yi == ignore_index) w = 0.0;
+    else if (use_targets == 2 && yi >= 0 && yi < classes) w *= (double)cw[yi];
+  }
+  return w;
+}
+
 // i % period, in 32 bits where both fit (a 64-bit remainder is a long
 // instruction sequence on the GPU, paid per element otherwise).
 GPULOSS_DEVICE index_t mod_index(index_t i, index_t period) {

@@ -56,12 +56,8 @@ __device__ void reduce_weights(const A* w_values, index_t w_count, index_t w_blo
   __shared__ double scratch[gl::kMaxWarps];
   double sum = 0.0, nonzero = 0.0;
   for (index_t i = gl::global_thread_id(); i < n; i += gl::grid_stride()) {
-    double w = (double)gll::weight_at(w_values, w_count, w_block, i);
-    if (use_targets) {
-      const int64_t yi = gll::class_index(y, y_bytes, i);
-      if (has_ignore && yi == ignore_index) w = 0.0;
-      else if (use_targets == 2 && yi >= 0 && yi < classes) w *= (double)cw[yi];
-    }
+    const double w = gll::divisor_weight(w_values, w_count, w_block, y, y_bytes, cw, classes, has_ignore,
+                                         ignore_index, use_targets, i);
     sum += w;
     nonzero += (w != 0.0) ? 1.0 : 0.0;
   }

@@ -340,6 +340,236 @@ __device__ void xent_strided(const XentArgs<T, P>& a) {
   xent_finish(a, acc_l, acc_z);
 }
 
+// ---------------------------------------------------------------------------
+// Few rows, many classes (launch.py's "split" variant: fewer rows than about two
+// waves of blocks): row n is cut into `splits` slices of `slice` classes (the
+// last one shorter), one block each, block b = n * splits + j. Two launches:
+//   xent_split_stats    each block's online state of its slice,
+//                       stats[4 b ..] = {max, sum, rest, extra} (rest and extra
+//                       as in xent_row, relative to the slice's max); block 0
+//                       also writes the divisor scal when it depends on the
+//                       weights (fewer than SPLIT_MAX_ROWS rows: one block reads
+//                       them all), so no reduce_weights launch is needed.
+//   xent_split_fwd_bwd  every block combines its row's `splits` states in index
+//                       order with gl::softmax_combine (Milakov & Gimelshein
+//                       2018: the same associative operator as within a block),
+//                       so all blocks of a row hold bit-identical (m, s, rest),
+//                       then writes its slice's gradient and its share of the
+//                       row's loss (partials[b], z terms at partials[R + b],
+//                       R = rows * splits); the last block (gl::last_block_done)
+//                       adds each row's shares in slice order (reduction "none")
+//                       or all of them (reduced).
+// The formulas are xent_row's, term for term.
+
+template <class T, class P>
+struct SplitRow {
+  index_t n, c0, len;  // row, first class of this block's slice, its length
+  int64_t yn;
+  bool ignored, invalid, live;
+  GPULOSS_DEVICE SplitRow(const XentArgs<T, P>& a, index_t splits, index_t slice) {
+    const index_t b = blockIdx.x;
+    n = b / splits;
+    c0 = (b - n * splits) * slice;
+    len = a.C - c0 < slice ? a.C - c0 : slice;
+    yn = 0;
+    ignored = invalid = false;
+    if (a.index_target) {
+      yn = gll::class_index(a.y, a.y_bytes, n);
+      ignored = a.has_ignore && yn == a.ignore_index;
+      invalid = !ignored && (yn < 0 || yn >= a.C);
+    }
+    live = !ignored && !invalid;
+  }
+};
+
+template <class T, class P>
+__device__ void xent_split_stats(const XentArgs<T, P>& a, index_t splits, index_t slice, gl::acc_t<T>* stats,
+                                 int denom_mode, double denom_mult) {
+  typedef gl::acc_t<T> A;
+  const BlockGroup grp;
+  const SplitRow<T, P> r(a, splits, slice);
+  const index_t stride = a.inner;
+  const T* xs = a.x + a.base(r.n) + r.c0 * stride;
+  const P* ts = a.t + a.base(r.n) + r.c0 * stride;
+  const A one = A(1), eps = a.eps, uniform = eps / (A)a.C;
+  gl::SoftmaxState<A> st = gl::softmax_empty<A>();
+  A extra = A(0), rest = A(0);
+  if (r.live) {
+    if (!a.index_target) {
+      gll::visit_row(xs, r.len, stride, grp.rank(), grp.size(), [&](index_t c, A v) {
+        gl::softmax_update(st, a.cap(v));
+        extra += a.class_weight(r.c0 + c) * ((one - eps) * (A)gl::load_as_acc(ts, c * stride) + uniform);
+      });
+    } else {
+      const bool sum_cw = eps != A(0) && a.has_cw;
+      gll::visit_row(xs, r.len, stride, grp.rank(), grp.size(), [&](index_t c, A v) {
+        gl::softmax_update_rest(st, rest, a.cap(v), r.c0 + c != r.yn);
+        if (sum_cw) extra += a.cw[r.c0 + c];
+      });
+    }
+  }
+  const A m_local = st.max;
+  st = grp.softmax(st);
+  rest = grp.sum(rest * gl::softmax_scale(m_local, st.max));
+  extra = grp.sum(extra);
+  if (threadIdx.x == 0) {
+    A* out = stats + 4 * (index_t)blockIdx.x;
+    out[0] = st.max;
+    out[1] = st.sum;
+    out[2] = rest;
+    out[3] = extra;
+  }
+  if (blockIdx.x == 0 && denom_mode != gll::kDenomConstant) {
+    const int use_targets = a.index_target ? (a.has_cw ? 2 : 1) : 0;
+    const index_t count = a.index_target ? a.rows : a.w_count;
+    const index_t block = a.index_target ? a.w_block : 1;
+    double sum = 0.0, nonzero = 0.0;
+    for (index_t i = threadIdx.x; i < count; i += blockDim.x) {
+      const double w = gll::divisor_weight(a.w_values, a.w_count, block, a.y, a.y_bytes, a.cw, a.C,
+                                           a.has_ignore, a.ignore_index, use_targets, i);
+      sum += w;
+      nonzero += (w != 0.0) ? 1.0 : 0.0;
+    }
+    sum = grp.sum(sum);
+    nonzero = grp.sum(nonzero);
+    if (threadIdx.x == 0) {
+      // XENT_PARAMS carries scal as the loss kernels' input; this launch is the one that writes it.
+      double* scal = const_cast<double*>(a.denom.scal);
+      const double d = (denom_mode == gll::kDenomNonzero ? nonzero : sum) * denom_mult;
+      scal[0] = d;
+      scal[1] = d == 0.0 ? 0.0 : 1.0 / d;
+    }
+  }
+}
+
+template <class T, class P>
+__device__ void xent_split_fwd_bwd(const XentArgs<T, P>& a, index_t splits, index_t slice,
+                                   const gl::acc_t<T>* stats) {
+  typedef gl::acc_t<T> A;
+  const BlockGroup grp;
+  const SplitRow<T, P> r(a, splits, slice);
+  const index_t C = a.C, stride = a.inner;
+  const int rank = grp.rank(), size = grp.size();
+  const T* xs = a.x + a.base(r.n) + r.c0 * stride;
+  T* gs = a.grad + a.base(r.n) + r.c0 * stride;
+  const P* ts = a.t + a.base(r.n) + r.c0 * stride;
+  const A one = A(1), eps = a.eps, uniform = eps / (A)C;
+  const bool smoothing = a.index_target && eps != A(0);
+
+  // The row's state from its slices, in slice order: the same bits in every block of the row.
+  const A* row = stats + 4 * r.n * splits;
+  gl::SoftmaxState<A> st = gl::softmax_empty<A>();
+  for (index_t k = 0; k < splits; ++k) st = gl::softmax_combine(st, gl::SoftmaxState<A>{row[4 * k], row[4 * k + 1]});
+  A rest = A(0), extra = A(0);
+  for (index_t k = 0; k < splits; ++k) {
+    rest += row[4 * k + 2] * gl::softmax_scale(row[4 * k], st.max);
+    extra += row[4 * k + 3];
+  }
+  // +inf logit or a row of -inf: NaN, as in xent_row.
+  if (st.max == gl::pos_inf<A>() || st.max == gl::neg_inf<A>()) st.max = st.sum = gl::quiet_nan<A>();
+  const A m = st.max;
+  const A log_s = gl::log(st.sum);
+  const A lse = m + log_s;
+  if (a.index_target && !(smoothing && a.has_cw)) extra = (A)C;
+  const A w = gll::weight_at(a.w_values, a.w_count, a.w_block, r.n);
+  const A g = (A)a.denom.inverse() * w;
+  const A z_coef = A(2) * a.z_loss * lse;
+  const bool first = r.c0 == 0;  // the block that adds the row's own terms (nll, z)
+  A share = A(0), z = A(0);      // this block's part of the row's loss and z term (thread 0)
+
+  if (a.index_target) {
+    const A cw_y = r.live ? a.class_weight(r.yn) : A(0);
+    const A coef_y = g * (one - eps) * cw_y;
+    const A coef_s = g * uniform;
+    const A coef_z = g * cw_y * z_coef;
+    const A coef_p = coef_y + coef_s * extra + coef_z;
+    A smooth = A(0);
+    if (r.live && a.want_grad) {
+      gll::map_row(xs, gs, r.len, stride, rank, size, [&](index_t c, A v) {
+        const A vc = a.cap(v);
+        const A p = gl::exp((vc - m) - log_s);
+        const A cwc = a.class_weight(r.c0 + c);
+        if (smoothing) smooth += cwc * ((m - vc) + log_s);
+        if (r.c0 + c != r.yn) return (coef_p * p - coef_s * cwc) * a.cap_slope(vc);
+        return (-coef_y * rest / st.sum + (coef_s * extra + coef_z) * p - coef_s * cwc) * a.cap_slope(vc);
+      });
+    } else if (r.live && smoothing) {
+      gll::visit_row(xs, r.len, stride, rank, size,
+                     [&](index_t c, A v) { smooth += a.class_weight(r.c0 + c) * ((m - a.cap(v)) + log_s); });
+    } else if (!r.live && a.want_grad) {
+      gll::fill_row(gs, r.len, stride, rank, size, r.ignored ? A(0) : gl::quiet_nan<A>());
+    }
+    if (smoothing) smooth = grp.sum(smooth);
+    if (rank == 0) {
+      if (r.ignored) {
+        share = z = A(0);
+      } else if (r.invalid) {
+        share = z = first ? gl::quiet_nan<A>() : A(0);
+      } else {
+        share = w * (uniform * smooth);
+        if (first) {
+          const A x_y = a.cap(gl::load_as_acc(a.x + a.base(r.n), r.yn * stride));
+          const A nll = x_y == m ? gl::log1p(rest) : (m - x_y) + log_s;
+          z = a.z_loss != A(0) ? w * cw_y * a.z_loss * lse * lse : A(0);
+          share += w * ((one - eps) * cw_y * nll) + z;
+        }
+      }
+    }
+  } else {
+    const A mass = extra;
+    A loss = A(0);
+    if (a.want_grad) {
+      gll::map_row(xs, gs, r.len, stride, rank, size, [&](index_t c, A v) {
+        const A vc = a.cap(v);
+        const A wt = a.class_weight(r.c0 + c) * ((one - eps) * (A)gl::load_as_acc(ts, c * stride) + uniform);
+        loss += wt * ((m - vc) + log_s);
+        const A p = gl::exp((vc - m) - log_s);
+        return g * (p * (mass + z_coef) - wt) * a.cap_slope(vc);
+      });
+    } else {
+      gll::visit_row(xs, r.len, stride, rank, size, [&](index_t c, A v) {
+        const A wt = a.class_weight(r.c0 + c) * ((one - eps) * (A)gl::load_as_acc(ts, c * stride) + uniform);
+        loss += wt * ((m - a.cap(v)) + log_s);
+      });
+    }
+    loss = grp.sum(loss);
+    if (rank == 0) {
+      z = first && a.z_loss != A(0) ? w * a.z_loss * lse * lse : A(0);
+      share = w * loss + z;
+    }
+  }
+
+  // Every block's share, then the last block adds them (rows < SPLIT_MAX_ROWS: one block suffices).
+  const index_t R = a.rows * splits;
+  if (rank == 0) {
+    a.partials[blockIdx.x] = (double)share;
+    a.partials[R + blockIdx.x] = (double)z;
+  }
+  if (!gl::last_block_done(a.ticket)) return;
+  const volatile double* parts = a.partials;
+  if (a.want_rows) {
+    for (index_t n = threadIdx.x; n < a.rows; n += blockDim.x) {
+      double l = 0.0, zn = 0.0;
+      for (index_t k = 0; k < splits; ++k) {
+        l += parts[n * splits + k];
+        zn += parts[R + n * splits + k];
+      }
+      a.loss_rows[n] = (A)l;
+      if (a.want_z) a.z_rows[n] = (A)zn;
+    }
+  }
+  if (a.want_total) {
+    const double lt = gl::block_sum_partials(a.partials, R);
+    const double zt = gl::block_sum_partials(a.partials + R, R);
+    if (threadIdx.x == 0) {
+      const double den = a.denom.value(), inv = a.denom.inverse();
+      a.out[0] = (A)(den == 0.0 ? 0.0 : lt * inv);
+      a.out[1] = (A)(den == 0.0 ? 0.0 : zt * inv);
+    }
+  }
+  gl::release_ticket(a.ticket);
+}
+
 }  // namespace
 
 #define XENT_PARAMS(T, P)                                                                                    \
@@ -375,6 +605,18 @@ __device__ void xent_strided(const XentArgs<T, P>& a) {
     XENT_ARGS(T, P);                                                                                    \
     xent_strided(a);                                                                                    \
   }                                                                                                     \
-  GPULOSS_REGISTER(xent_strided_fwd_bwd_##sfx)
+  GPULOSS_REGISTER(xent_strided_fwd_bwd_##sfx)                                                          \
+  extern "C" __global__ void xent_split_stats_##sfx(XENT_PARAMS(T, P), gl::index_t splits, gl::index_t slice, \
+                                                    gl::acc_t<T>* stats, int denom_mode, double denom_mult) { \
+    XENT_ARGS(T, P);                                                                                    \
+    xent_split_stats(a, splits, slice, stats, denom_mode, denom_mult);                                  \
+  }                                                                                                     \
+  GPULOSS_REGISTER(xent_split_stats_##sfx)                                                              \
+  extern "C" __global__ void xent_split_fwd_bwd_##sfx(XENT_PARAMS(T, P), gl::index_t splits, gl::index_t slice, \
+                                                      gl::acc_t<T>* stats, int denom_mode, double denom_mult) { \
+    XENT_ARGS(T, P);                                                                                    \
+    xent_split_fwd_bwd(a, splits, slice, stats);                                                        \
+  }                                                                                                     \
+  GPULOSS_REGISTER(xent_split_fwd_bwd_##sfx)
 
 GPULOSS_FOR_EACH_PAIR(GPULOSS_XENT_ENTRIES)

@@ -37,12 +37,13 @@ EMU = "emulated"
 @pytest.mark.parametrize("classes,variant", [(1, "warp"), (3, "warp"), (31, "warp"), (1000, "warp"),
                                              (1024, "warp"), (1025, "block"), (32003, "block")])
 def test_cross_entropy_variant_follows_the_class_count(classes, variant):
-    got, blocks, threads, group = launch.xent_launch(7, classes, 1)
+    rows = launch.SPLIT_MAX_ROWS  # enough rows that none is split over blocks
+    got, blocks, threads, group = launch.xent_launch(rows, classes, 1)
     assert got == variant
     assert threads % 32 == 0 and 32 <= threads <= 1024 and blocks >= 1
     if variant == "warp":
         assert group in (1, 2, 4, 8, 16, 32)
-        assert blocks * threads // 32 * (32 // group) >= 7  # every row has lanes
+        assert blocks * threads // 32 * (32 // group) >= rows  # every row has lanes
     else:
         assert threads & (threads - 1) == 0  # power of two: block reductions assume whole warps
 
@@ -54,6 +55,22 @@ def test_float64_rows_fit_the_register_file():
 
 def test_class_axis_not_last_takes_the_strided_variant():
     assert launch.xent_launch(12, 5, 4)[0] == "strided"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 100, 263])
+@pytest.mark.parametrize("classes", [1025, 4097, 8193, 32003, 131072, 262144])
+def test_few_long_rows_are_split_by_the_shape_alone(rows, classes):
+    variant, blocks, threads, splits = launch.xent_launch(rows, classes, 1)
+    n, slice_len = launch.xent_split(rows, classes)
+    if variant == "block":  # too short to cut into two slices of SPLIT_MIN_SLICE
+        assert n == 1 and min(-(-classes // launch.SPLIT_MIN_SLICE), -(-launch.SPLIT_MAX_ROWS // rows)) < 2
+        return
+    assert variant == "split" and splits == n >= 2 and blocks == rows * n
+    assert slice_len % launch.SPLIT_ALIGN == 0 and slice_len >= launch.SPLIT_MIN_SLICE // 2
+    assert (n - 1) * slice_len < classes <= n * slice_len  # every slice has classes, together all of them
+    assert blocks <= 2 * launch.SPLIT_MAX_ROWS and threads & (threads - 1) == 0 and 128 <= threads <= 512
+    assert launch.xent_launch(rows, classes, 5) == (variant, blocks, threads, splits)  # any class axis
+    assert launch.xent_launch(launch.SPLIT_MAX_ROWS, classes, 1)[0] == "block"
 
 
 @pytest.mark.parametrize("n", [0, 1, 31, 4096, 4097, 10**6, 2**26, 2**34])
@@ -92,6 +109,83 @@ def test_cross_entropy_paths_match_reference(rows, classes, options, rng):
     args, _ = _index_case(rows, classes, np.float32, rng)
     for reduction in ("none", "mean"):
         assert_matches_reference("softmax_cross_entropy", args, {**options, "reduction": reduction}, EMU)
+
+
+# Few rows, many classes: the split variant (two launches, slices combined by softmax_combine).
+_SPLIT_OPTIONS = {
+    "plain": {},
+    "every-option": {"label_smoothing": 0.1, "class_weight": "random", "z_loss": 1e-3, "softcap": 30.0,
+                     "weight": "rows"},
+    "no-ignore": {"ignore_index": None, "class_weight": "random"},
+    "prob": {"prob": True, "label_smoothing": 0.1, "class_weight": "random", "z_loss": 1e-3, "weight": "rows"},
+}
+
+
+def _split_case(rows, classes, options, rng, dtype=np.float32):
+    options = dict(options)
+    logits = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
+    if options.pop("prob", False):
+        target = rng.random((rows, classes)).astype(dtype)
+        target /= target.sum(axis=1, keepdims=True)
+    else:
+        target = rng.integers(0, classes, rows)
+        if rows > 2 and options.get("ignore_index", -100) is not None:
+            target[1] = -100
+    if options.get("class_weight") == "random":
+        options["class_weight"] = rng.uniform(0.2, 2.0, classes)
+    if options.get("weight") == "rows":
+        options["weight"] = rng.random(rows)
+    return (logits, target), options
+
+
+@needs_gxx
+@pytest.mark.parametrize("rows", [1, 3, 7])
+@pytest.mark.parametrize("classes", [1000, 32003, 131072])
+@pytest.mark.parametrize("option", list(_SPLIT_OPTIONS))
+def test_few_rows_many_classes_match_reference(rows, classes, option, rng):
+    args, options = _split_case(rows, classes, _SPLIT_OPTIONS[option], rng)
+    assert launch.xent_launch(rows, classes, 1)[0] == ("warp" if classes <= 1024 else "split")
+    for reduction in ("none", "mean"):
+        assert_matches_reference("softmax_cross_entropy", args, {**options, "reduction": reduction}, EMU)
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", [np.float64, np.float16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("reduction", ["sum", "sum_over_batch_size", "sum_by_nonzero_weights", "batch_size"])
+def test_split_rows_every_reduction_and_dtype(dtype, reduction, rng):
+    for option in ("every-option", "prob"):
+        args, options = _split_case(3, 9000, _SPLIT_OPTIONS[option], rng, dtype)
+        assert_matches_reference("softmax_cross_entropy", args, {**options, "reduction": reduction}, EMU)
+
+
+@needs_gxx
+def test_split_rows_extreme_values(rng):
+    # |x| = 1e4, a row of -inf, a NaN, a +inf, each in another slice than the target
+    x = (rng.standard_normal((5, 9000)) * 1e4).astype(np.float32)
+    x[1] = -np.inf
+    x[2, 7000] = np.nan
+    x[3, 8999] = np.inf
+    y = np.array([4500, 2, 0, 100, 8998])
+    x[4] = -1e4
+    x[4, 8998] = 1e4  # a confident row: its tiny loss must keep its digits
+    for options in ({}, {"label_smoothing": 0.2, "class_weight": rng.uniform(0.5, 2, 9000)}):
+        for reduction in ("none", "sum"):
+            loss, grad = assert_matches_reference("softmax_cross_entropy", (x, y),
+                                                  {**options, "reduction": reduction}, EMU)
+        assert np.isnan(loss) and np.isnan(grad[1:4]).all() and np.isfinite(grad[[0, 4]]).all()
+
+
+@needs_gxx
+def test_split_rows_all_ignored_and_invalid(rng):
+    x = rng.standard_normal((3, 9000)).astype(np.float32)
+    for reduction in ("mean", "sum_by_nonzero_weights", "sum", "none"):
+        loss, grad = gl.softmax_cross_entropy(x, np.full(3, -100), reduction=reduction, return_grad=True,
+                                              backend=EMU)
+        assert not np.any(loss) and not grad.any()
+    loss, grad = gl.softmax_cross_entropy(x, np.array([5, 9000, -100]), reduction="none", return_grad=True,
+                                          validate=False, backend=EMU)
+    assert np.isfinite(loss[0]) and np.isnan(loss[1]) and loss[2] == 0
+    assert np.isfinite(grad[0]).all() and np.isnan(grad[1]).all() and not grad[2].any()
 
 
 @needs_gxx
@@ -198,11 +292,13 @@ def test_aligned_and_misaligned_rows(classes, dtype, rng):
 # Bitwise determinism and edge sizes.
 
 @needs_gxx
-@pytest.mark.parametrize("case", ["warp", "block", "strided", "prob", "elementwise", "cosine"])
+@pytest.mark.parametrize("case", ["warp", "block", "split", "strided", "prob", "elementwise", "cosine"])
 def test_emulated_results_are_bitwise_reproducible(case, rng):
     weight = None
-    if case in ("warp", "block"):
-        args, kwargs = _index_case(5, 60 if case == "warp" else 3000, np.float32, rng, label_smoothing=0.1)
+    if case in ("warp", "block", "split"):
+        rows, classes = {"warp": (5, 60), "block": (5, 3000), "split": (3, 9000)}[case]
+        args, kwargs = _index_case(rows, classes, np.float32, rng, label_smoothing=0.1)
+        assert launch.xent_launch(rows, classes, 1)[0] == case
         name = "softmax_cross_entropy"
     elif case == "strided":
         name = "softmax_cross_entropy"

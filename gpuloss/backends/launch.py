@@ -65,6 +65,13 @@ SOLO_MAX_CLASSES = 32
 # too: 1024 x 94 would exceed an SM's 64K registers and the launch would fail.
 ROW_BLOCK_MIN, ROW_BLOCK_MAX, ROW_BLOCK_MAX_F64 = 128, 512, 512
 MAX_ROW_BLOCKS = 65535
+# Few rows, many classes: with fewer rows than SPLIT_MAX_ROWS (about two waves of
+# blocks on a 132-SM H100/H200; a fixed number, so the split, and with it every
+# result bit, depends on the shape only, never on the device) and rows of more
+# than WARP_MAX_CLASSES classes, each row is cut into slices of at least
+# SPLIT_MIN_SLICE classes (a multiple of SPLIT_ALIGN: every slice starts at the
+# row's 16-byte alignment), one block each, up to SPLIT_MAX_ROWS blocks in all.
+SPLIT_MAX_ROWS, SPLIT_MIN_SLICE, SPLIT_ALIGN = 264, 4096, 64
 # Ticket counters of the "last block done" finishes, per stream: one for the
 # denominator launch, one for the loss launch.
 TICKET_DENOM, TICKET_LOSS, TICKET_SLOTS = 0, 1, 2
@@ -112,8 +119,24 @@ def xent_launch(rows: int, classes: int, inner: int, acc_itemsize: int = 4) -> t
         group = min(32, _next_pow2(-(-classes // 8)))
         return ("warp", *_rows_per_warp_grid(rows, group), group)
     cap = ROW_BLOCK_MAX_F64 if acc_itemsize == 8 else ROW_BLOCK_MAX
+    splits, slice_len = xent_split(rows, classes)
+    if splits > 1:
+        threads = min(cap, max(ROW_BLOCK_MIN, _next_pow2(-(-slice_len // 64))))
+        return "split", rows * splits, threads, splits
     threads = min(cap, max(ROW_BLOCK_MIN, _next_pow2(-(-classes // 64))))
     return "block", min(MAX_ROW_BLOCKS, max(1, rows)), threads, 0
+
+
+def xent_split(rows: int, classes: int) -> tuple[int, int]:
+    """(splits, slice): row n of the "split" variant is cut into `splits` slices of `slice`
+    classes (the last one shorter), one block each; (1, classes) when the rows are not split."""
+    if not 0 < rows < SPLIT_MAX_ROWS or classes <= WARP_MAX_CLASSES:
+        return 1, classes
+    splits = min(-(-SPLIT_MAX_ROWS // rows), -(-classes // SPLIT_MIN_SLICE))
+    if splits < 2:
+        return 1, classes
+    slice_len = _round_up(-(-classes // splits), SPLIT_ALIGN)
+    return -(-classes // slice_len), slice_len
 
 
 def _rows_per_warp_grid(rows: int, group: int) -> tuple[int, int]:
@@ -315,43 +338,79 @@ class LaunchBackend:
         only), then the kernels/xent.cu variant for the plan's shape, whose last block reduces.
         The one packing of XENT_PARAMS (bench/gpu_suite.py reuses it for bfloat16 held in
         uint16 storage). Returns (loss, z term, grad); the last two may be unused dummies."""
-        xp = self.xp
         dt = plan.dtypes
-        A = dt.compute.type
         reduce = plan.reduce
         reduced = reduce.reduction != Reduction.NONE
         rows = plan.rows
         variant, blocks, threads, group = xent_launch(rows, plan.classes, plan.inner, dt.compute.itemsize)
+        if variant == "split":
+            return self._xent_split(plan, sfx, x, y, y_bytes, t, w, cw, blocks, threads, group)
         den = self._denominator(reduce, w, per_measurement=plan.index_target, n=rows)
         out, scal, part, dpart = self._workspace(dt, blocks if reduced else 0, den[2])
-        has_ignore = plan.ignore_index is not None
         if plan.index_target:
             denom = self._launch_denominator(den, w, dpart, scal, y=y, y_bytes=y_bytes, cw=cw,
                                              ignore_index=plan.ignore_index, classes=plan.classes,
                                              w_block=reduce.weight_block)
         else:
             denom = self._launch_denominator(den, w, dpart, scal)
-        dummy = self._dummy(dt.compute)
-        loss_rows = dummy if reduced else xp.empty(rows, dt.compute)
-        z_rows = xp.empty(rows, dt.compute) if plan.return_z_loss and not reduced else dummy
-        grad = xp.empty(x.shape, x.dtype) if plan.return_grad else self._dummy(x.dtype)
-        args = (x, np.int64(rows), np.int64(plan.classes), np.int64(plan.inner), y, np.int32(y_bytes), t,
-                np.int32(plan.index_target), w, np.int64(w.size), np.int64(reduce.weight_block),
-                cw if cw is not None else dummy, np.int32(cw is not None),
-                np.int32(has_ignore), np.int64(plan.ignore_index if has_ignore else 0), A(plan.label_smoothing),
-                A(plan.z_loss), A(plan.softcap), *denom, loss_rows, z_rows, np.int32(plan.return_z_loss),
-                np.int32(not reduced), grad, np.int32(plan.return_grad), np.int32(reduced), part,
-                self._ticket(TICKET_LOSS), out)
+        loss_rows, z_rows, grad, args = self._xent_args(plan, x, y, y_bytes, t, w, cw, denom, part, out)
         if variant == "warp":
             self._launch(f"xent_warp_fwd_bwd_{sfx}", blocks, threads, args + (np.int32(group),))
         elif variant == "block":
             self._launch(f"xent_fwd_bwd_{sfx}", blocks, threads, args)
         else:
             self._launch(f"xent_strided_fwd_bwd_{sfx}", blocks, threads, args)
-        if reduced:
+        return self._xent_results(plan, out, loss_rows, z_rows, grad)
+
+    def _xent_args(self, plan: CrossEntropyPlan, x, y, y_bytes: int, t, w, cw, denom: tuple, part, out):
+        """(loss_rows, z_rows, grad, XENT_PARAMS): the one packing of kernels/xent.cu's arguments."""
+        xp = self.xp
+        dt = plan.dtypes
+        A = dt.compute.type
+        rows = plan.rows
+        reduced = plan.reduce.reduction != Reduction.NONE
+        has_ignore = plan.ignore_index is not None
+        dummy = self._dummy(dt.compute)
+        loss_rows = dummy if reduced else xp.empty(rows, dt.compute)
+        z_rows = xp.empty(rows, dt.compute) if plan.return_z_loss and not reduced else dummy
+        grad = xp.empty(x.shape, x.dtype) if plan.return_grad else self._dummy(x.dtype)
+        args = (x, np.int64(rows), np.int64(plan.classes), np.int64(plan.inner), y, np.int32(y_bytes), t,
+                np.int32(plan.index_target), w, np.int64(w.size), np.int64(plan.reduce.weight_block),
+                cw if cw is not None else dummy, np.int32(cw is not None),
+                np.int32(has_ignore), np.int64(plan.ignore_index if has_ignore else 0), A(plan.label_smoothing),
+                A(plan.z_loss), A(plan.softcap), *denom, loss_rows, z_rows, np.int32(plan.return_z_loss),
+                np.int32(not reduced), grad, np.int32(plan.return_grad), np.int32(reduced), part,
+                self._ticket(TICKET_LOSS), out)
+        return loss_rows, z_rows, grad, args
+
+    def _xent_results(self, plan: CrossEntropyPlan, out, loss_rows, z_rows, grad):
+        reduce = plan.reduce
+        if reduce.reduction != Reduction.NONE:
             return out[0:1].reshape(()), (out[1:2].reshape(()) if plan.return_z_loss else None), grad
         z_term = z_rows.reshape(reduce.loss_shape) if plan.return_z_loss else None
         return loss_rows.reshape(reduce.loss_shape), z_term, grad
+
+    def _xent_split(self, plan: CrossEntropyPlan, sfx: str, x, y, y_bytes: int, t, w, cw, blocks: int,
+                    threads: int, splits: int):
+        """Few rows, many classes (xent_split in kernels/xent.cu): xent_split_stats writes each
+        slice's softmax state (and the divisor, when it depends on the weights: no reduce_weights
+        launch), xent_split_fwd_bwd combines them, writes the gradient and reduces. Two launches."""
+        dt = plan.dtypes
+        mode, number = host.denominator_rule(plan.reduce, None if plan.index_target else w.size)
+        _, slice_len = xent_split(plan.rows, plan.classes)
+        # float64 workspace: out, scal, 2 partials per block, then 4 stats per block in the compute dtype
+        ws = self.xp.empty(4 + 2 * blocks + 4 * blocks, np.float64)
+        out, scal, part = ws[:2].view(dt.compute), ws[2:4], ws[4:4 + 2 * blocks]
+        stats = ws[4 + 2 * blocks:].view(dt.compute)
+        if mode == host.DENOM_CONSTANT:
+            denom = (scal, np.float64(number), np.int32(0))
+        else:
+            denom = (scal, np.float64(0.0), np.int32(1))
+        loss_rows, z_rows, grad, args = self._xent_args(plan, x, y, y_bytes, t, w, cw, denom, part, out)
+        args += (np.int64(splits), np.int64(slice_len), stats, np.int32(mode), np.float64(number))
+        self._launch(f"xent_split_stats_{sfx}", blocks, threads, args)
+        self._launch(f"xent_split_fwd_bwd_{sfx}", blocks, threads, args)
+        return self._xent_results(plan, out, loss_rows, z_rows, grad)
 
     def elementwise(self, plan: ElementwisePlan, pred, target, w_values, pos_weight):
         dt = plan.dtypes
