@@ -463,6 +463,203 @@ def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, has_igno
             grad_out[n, yn] = -a * rest / s + (b * cw_sum + zc) * (e_y / s) - b * cw_y
 
 
+# Rows per lane block of the small-C cross entropy: 256 rows x 32 classes of float32 scratch is 32 KiB,
+# in L1/L2 between the sweeps; a fixed number, so the work split never depends on the thread count.
+LANE_ROWS = 256
+# Class counts up to this go to the rows-as-lanes kernel (measured faster than the row loop below it).
+LANES_MAX_CLASSES = 32
+
+
+@njit(inline="always")
+def _lanes_transpose_in(x, r0, nr, classes, xt):
+    for r in range(nr):
+        for c in range(classes):
+            xt[c, r] = x[r0 + r, c]
+
+
+# The sweeps of the rows-as-lanes kernel, each a loop over rows touching at most three arrays:
+# with more, LLVM's runtime alias checks give up and the loop stays scalar.
+
+
+@njit(cache=True, fastmath=_VEC)
+def _lanes_max(xt, nr, m):
+    for r in range(nr):
+        m[r] = xt[0, r]
+    for c in range(1, xt.shape[0]):
+        for r in range(nr):
+            m[r] = maxnum(m[r], xt[c, r])
+
+
+@njit(cache=True, fastmath=_VEC)
+def _lanes_gap(xt, nr, cw, m, gap):
+    """gap = sum_c cw_c (m - x_c), for label smoothing (before xt is overwritten by e)."""
+    for r in range(nr):
+        gap[r] = F32_ZERO
+    for c in range(xt.shape[0]):
+        cw_c = cw[c]
+        for r in range(nr):
+            gap[r] += cw_c * (m[r] - xt[c, r])
+
+
+@njit(cache=True, fastmath=_VEC)
+def _lanes_exp(xt, nr, m, s):
+    """e_c = exp(x_c - m) over xt, s = sum_c e_c."""
+    for r in range(nr):
+        s[r] = F32_ZERO
+    for c in range(xt.shape[0]):
+        for r in range(nr):
+            e = exp_nonpositive(xt[c, r] - m[r])
+            xt[c, r] = e
+            s[r] += e
+
+
+@njit(cache=True, fastmath=_VEC)
+def _lanes_rest(et, nr, yb, rest):
+    """rest = sum_{c != y} e_c, summed apart from s: when y holds the max, 1 + rest would lose rest."""
+    for r in range(nr):
+        rest[r] = F32_ZERO
+    for c in range(et.shape[0]):
+        for r in range(nr):
+            rest[r] += F32_ZERO if yb[r] == c else et[c, r]
+
+
+# The per-row terms of index_row_terms over lanes, in float32, one output array per loop for the
+# same reason. lse = m + log s; a = g (1-eps) cw_y, b = g eps / C, zc = 2 g cw_y z_loss lse, g = scale w.
+
+
+@njit(cache=True, fastmath=_VEC)
+def _lanes_log(s, nr, log_s):
+    for r in range(nr):
+        log_s[r] = log_f32(s[r])
+
+
+@njit(cache=True, fastmath=_VEC)
+def _lanes_nll(x_y, m, rest, log_s, nr, nll):
+    """-logp_y: log1p(rest) when y holds the max (a confident row's tiny loss), else (m - x_y) + log s."""
+    for r in range(nr):
+        nll[r] = log1p_f32(rest[r]) if x_y[r] == m[r] else (m[r] - x_y[r]) + log_s[r]
+
+
+@njit(cache=True, fastmath=_VEC)
+def _lanes_loss(nll, log_s, gap, m, cw_y, w, nr, eps, smooth_coef, cw_sum, z_loss, loss, z):
+    one = np.float32(1.0)
+    for r in range(nr):
+        smooth = smooth_coef * (gap[r] + cw_sum * log_s[r]) if eps != F32_ZERO else F32_ZERO
+        lse = m[r] + log_s[r]
+        zr = w[r] * cw_y[r] * z_loss * lse * lse
+        z[r] = zr
+        loss[r] = w[r] * ((one - eps) * cw_y[r] * nll[r] + smooth) + zr
+
+
+@njit(cache=True, fastmath=_VEC)
+def _lanes_grad_coef(s, m, log_s, cw_y, w, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale, coef):
+    """(a + b sum(cw) + zc) / s: the factor of e_c in every gradient entry."""
+    one = np.float32(1.0)
+    for r in range(nr):
+        g = grad_scale * w[r]
+        zc = g * cw_y[r] * np.float32(2.0) * z_loss * (m[r] + log_s[r])
+        coef[r] = (g * (one - eps) * cw_y[r] + g * smooth_coef * cw_sum + zc) / s[r]
+
+
+@njit(cache=True, fastmath=_VEC)
+def _lanes_grad_y(rest, s, x_y, m, log_s, cw_y, w, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale, grad_y):
+    """The target's entry: a (p_y - 1) = -a rest / s, no cancellation when p_y is close to 1."""
+    one = np.float32(1.0)
+    for r in range(nr):
+        g = grad_scale * w[r]
+        b = g * smooth_coef
+        zc = g * cw_y[r] * np.float32(2.0) * z_loss * (m[r] + log_s[r])
+        p_y = exp_nonpositive(x_y[r] - m[r]) / s[r]
+        # b (sum(cw) p_y - cw_y) as one factor: exactly 0 for C = 1 (p_y = 1), whatever FMA contraction does.
+        grad_y[r] = -(g * (one - eps) * cw_y[r]) * rest[r] / s[r] + zc * p_y + b * (cw_sum * p_y - cw_y[r])
+
+
+@parallel_kernel(fastmath=_VEC)
+def _xent_index_kernel_lanes(x, y, w_row, class_weight, has_ignore, ignore_index, eps, z_loss, grad_scale,
+                             want_grad, want_z, loss_out, z_out, grad_out):
+    """Float32 cross entropy with class-index targets for C <= LANES_MAX_CLASSES: rows as SIMD lanes.
+
+    A row of a few classes is too short for a vector loop, so blocks of LANE_ROWS rows are transposed
+    into scratch and every sweep (max, exp and sums, the per-row loss terms, the gradient) runs over
+    rows. The sums are float32 over at most 32 terms each <= 1 (about 2e-7 relative), the row terms
+    those of index_row_terms in float32 with cpu_math's log; -logp_y is log1p(rest) when y holds the
+    max, as everywhere. Rows that are ignored, have a target outside [0, C), a NaN or +inf logit,
+    or no finite logit are redone by the scalar row code afterwards (the vector pass writes
+    something for them first, which that overwrites).
+    """
+    rows, classes = x.shape
+    cw_sum = F32_ZERO
+    for c in range(classes):
+        cw_sum += class_weight[c]
+    smooth_coef = eps / np.float32(classes)
+    one = np.float32(1.0)
+    two = np.float32(2.0)
+    for blk in prange((rows + LANE_ROWS - 1) // LANE_ROWS):
+        r0 = blk * LANE_ROWS
+        nr = min(LANE_ROWS, rows - r0)
+        xt = np.empty((classes, LANE_ROWS), np.float32)
+        m = np.empty(LANE_ROWS, np.float32)
+        s = np.empty(LANE_ROWS, np.float32)
+        rest = np.empty(LANE_ROWS, np.float32)
+        x_y = np.empty(LANE_ROWS, np.float32)
+        gap = np.empty(LANE_ROWS, np.float32)
+        coef = np.empty(LANE_ROWS, np.float32)
+        grad_y = np.empty(LANE_ROWS, np.float32)
+        cw_y = np.empty(LANE_ROWS, np.float32)
+        w_b = np.empty(LANE_ROWS, np.float32)
+        log_s = np.empty(LANE_ROWS, np.float32)
+        nll = np.empty(LANE_ROWS, np.float32)
+        loss_b = np.empty(LANE_ROWS, np.float32)
+        z_b = np.empty(LANE_ROWS, np.float32)
+        yb = np.empty(LANE_ROWS, np.int64)
+        for r in range(nr):
+            yr = y[r0 + r]
+            yb[r] = yr
+            x_y[r] = x[r0 + r, min(max(yr, 0), classes - 1)]  # clamped: an invalid row is redone below
+        _lanes_transpose_in(x, r0, nr, classes, xt)
+        _lanes_max(xt, nr, m)
+        if eps != F32_ZERO:
+            _lanes_gap(xt, nr, class_weight, m, gap)
+        _lanes_exp(xt, nr, m, s)
+        _lanes_rest(xt, nr, yb, rest)
+        for r in range(nr):
+            cw_y[r] = class_weight[min(max(yb[r], 0), classes - 1)]
+            w_b[r] = w_row[r0 + r]
+        _lanes_log(s, nr, log_s)
+        _lanes_nll(x_y, m, rest, log_s, nr, nll)
+        _lanes_loss(nll, log_s, gap, m, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, loss_b, z_b)
+        for r in range(nr):
+            loss_out[r0 + r] = loss_b[r]
+        if want_z:
+            for r in range(nr):
+                z_out[r0 + r] = z_b[r]
+        if want_grad:
+            _lanes_grad_coef(s, m, log_s, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale, coef)
+            _lanes_grad_y(rest, s, x_y, m, log_s, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale,
+                          grad_y)
+        if want_grad:
+            # b = grad_scale * w_r * eps / C depends on the row only through w_r: a row-wise weight is
+            # folded into coef for the p-term, and the -b cw_c term below takes w from each row.
+            for r in range(nr):
+                b = grad_scale * w_b[r] * smooth_coef
+                rr = r0 + r
+                cr = coef[r]
+                for c in range(classes):
+                    grad_out[rr, c] = cr * xt[c, r] - b * class_weight[c]
+            for r in range(nr):
+                yr = yb[r]
+                if 0 <= yr < classes:
+                    grad_out[r0 + r, yr] = grad_y[r]
+        for r in range(nr):  # the rows the lanes cannot take, by the scalar code
+            rr = r0 + r
+            yr = yb[r]
+            if has_ignore and yr == ignore_index:
+                _ignored_row(rr, want_grad, want_z, loss_out, z_out, grad_out)
+            elif not (-np.inf < m[r] < np.inf) or s[r] != s[r] or yr < 0 or yr >= classes:
+                _xent_index_row(x, rr, yr, w_row, class_weight, np.float64(cw_sum), eps, z_loss, grad_scale,
+                                want_grad, want_z, loss_out, z_out, grad_out)
+
+
 @parallel_kernel()
 def _xent_prob_kernel(x, t, w_row, class_weight, eps, z_loss, grad_scale, want_grad, want_z, loss_out, z_out,
                       grad_out):
@@ -543,7 +740,10 @@ class CpuBackend:
             y = host.class_indices(target)
             denom = host.denominator(plan.reduce, w_meas=host.index_target_weights(y, w_row, cw, plan.ignore_index))
             grad_scale = _scalar(float(host.inverse(denom)), dt.compute)
-            if dt.compute == np.float32:
+            if dt.compute == np.float32 and plan.classes <= LANES_MAX_CLASSES:
+                _xent_index_kernel_lanes(x.size, x, y, w_row, cw, has_ignore, ignore_index, eps, z_loss, grad_scale,
+                                         plan.return_grad, plan.return_z_loss, loss_rows, z_rows, grad)
+            elif dt.compute == np.float32:
                 _xent_index_kernel_f32(x.size, x, y, w_row, cw, plan.has_class_weight, has_ignore, ignore_index, eps,
                                        z_loss, grad_scale, plan.return_grad, plan.return_z_loss, loss_rows, z_rows,
                                        grad)
