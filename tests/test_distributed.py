@@ -436,10 +436,22 @@ def _params(path) -> dict:
 
 @pytest.mark.slow
 def test_two_ranks_train_like_one_process(tmp_path, rng):
-    """50 steps of the default digits net: 2 gloo ranks (torchrun) end with the parameters of one process."""
+    """50 steps of the default digits net with TanH in place of ReLU: 2 gloo ranks (torchrun) end with the
+    parameters of one process."""
     # The solver seed comes from the run's GPULOSS_TEST_SEED (printed in the header), so a failure replays.
     seed = int(rng.integers(1 << 16))
-    args = ["--max-iter", "50", "--no-progress", "--seed", str(seed)]
+    # Why TanH: with ReLU, a hidden pre-activation within ~1e-7 of 0 can take the other sign on 2 ranks
+    # than in 1 process (the gradient sums are reassociated: 32 + 32 rows instead of 64), which switches
+    # that unit's gradient for that sample on or off and, through momentum, leaves gaps of 1e-4 to 6e-3
+    # after 50 steps.  Emulated in one process (two half-batch gradients averaged against the whole
+    # batch, one thread): 1 seed in 395 (seed 35: a pre-activation of 7.5e-8 at step 11, gap 2.3e-4 at
+    # once, 7.8e-4 at step 50), the likely cause of the one 1.48e-3 seen here.  A smooth activation
+    # keeps every seed at reassociation level (<= 3.3e-7 over 400 emulated seeds) and still tests what
+    # this test is for: the shards, the averaging, the broadcast, the data order.
+    net = (REPO / "gpuloss/graph/default_net.prototxt").read_text().replace('type: "ReLU"', 'type: "TanH"')
+    assert 'type: "TanH"' in net
+    (tmp_path / "net.prototxt").write_text(net)
+    args = [str(tmp_path / "net.prototxt"), "--max-iter", "50", "--no-progress", "--seed", str(seed)]
     one = _single(args + ["--snapshot-prefix", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     two = _torchrun(2, args + ["--snapshot-prefix", str(tmp_path / "two")])
@@ -448,7 +460,7 @@ def test_two_ranks_train_like_one_process(tmp_path, rng):
     assert lines[0] == "data-parallel over 2 ranks (gloo)"
     assert sum(l.startswith("training ") for l in lines) == 1      # only rank 0 prints
     assert "batch 64 (32 per rank)" in lines[1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one_iter_50.npz", "two_iter_50.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.prototxt", "one_iter_50.npz", "two_iter_50.npz"]
     a, b = _params(tmp_path / "one_iter_50.npz"), _params(tmp_path / "two_iter_50.npz")
     assert a.keys() == b.keys() and a
     worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
