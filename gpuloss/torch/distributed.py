@@ -122,11 +122,20 @@ def _check_agreement(table: np.ndarray, names: Sequence[str], fn: str = "vocab_p
 
 
 def _target_fingerprint(y: Tensor) -> float:
-    """A number equal on ranks that hold the same targets (and almost surely different otherwise)."""
+    """A number equal on ranks that hold the same targets (and almost surely different otherwise).
+
+    Each element is mixed with its position and squared twice modulo a prime before the sum: a hash
+    linear in the values (as this was) misses every change whose position-weighted sum is 0, e.g. the
+    targets [9, 5, 1, 2] against [0, 6, 2, 3], one pair in 15 of a test's random draws."""
     if y.numel() == 0:
         return 0.0
+    p = 2_147_483_647
     pos = torch.arange(1, y.numel() + 1, device=y.device, dtype=torch.int64)
-    return float(((y * 1_000_003 + 7) * pos % 2_147_483_647).sum().item())
+    a = ((y % p) * 1_000_003 + pos * 7_919 + 12_345) % p   # every product below stays under 2**63
+    a = (a * a) % p
+    a = (a * 48_271 + pos) % p
+    a = (a * a) % p
+    return float(a.sum().item())   # exact in float64 up to 2**22 elements
 
 
 _FINGERPRINT_SAMPLE = 1 << 16
