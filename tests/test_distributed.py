@@ -594,3 +594,49 @@ def test_rank_failing_in_the_test_phase_stops_every_rank(tmp_path):
     assert last1.startswith("gpuloss train: rank 1 of 2: layer 'loss' (SoftmaxWithLoss): "), last1
     assert took < 60, f"the ranks took {took:.1f} s to stop after training ended"
     print(f"both ranks stopped {took:.1f} s after training ended: {last0}")
+
+
+@pytest.mark.slow
+def test_rank_failing_in_a_training_step_stops_every_rank(tmp_path):
+    """A label out of range in rank 1's half of the first batch: rank 1's forward raises before the
+    gradient exchange; it still joins the exchange with its failure flagged (DataParallel.step), so rank 0
+    stops at once naming rank 1 and its error, far within --dist-timeout (120 s)."""
+    import subprocess
+    import time
+    from gpuloss.graph.data import BatchFeeder, load_digits_split
+    train, test = load_digits_split(seed=0)
+    first = BatchFeeder(train, 64, seed=1).batch(0)   # the default solver's random_seed is 1
+    # the sample rank 1 reads 8th in the first batch (rank 1 reads rows 32..63 of it)
+    k = int(np.flatnonzero((train["data"] == first["data"][40]).all(axis=1))[0])
+    label = train["label"].copy()
+    label[k] = 99
+    np.savez(tmp_path / "train.npz", data=train["data"], label=label)
+    np.savez(tmp_path / "test.npz", **test)
+    port = _free_port()
+    procs = []
+    start = time.monotonic()
+    for rank in range(2):
+        env = _train_env({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        procs.append(subprocess.Popen([sys.executable, "-m", "gpuloss", "train", "--max-iter", "10", "--no-progress",
+                                       "--data", str(tmp_path / "train.npz"), "--test-data",
+                                       str(tmp_path / "test.npz"), "--dist-timeout", "120"], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        _, err0 = procs[0].communicate(timeout=HARD_TIMEOUT)
+        _, err1 = procs[1].communicate(timeout=max(1.0, HARD_TIMEOUT - (time.monotonic() - start)))
+        took = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    last0, last1 = err0.strip().splitlines()[-1], err1.strip().splitlines()[-1]
+    assert procs[0].returncode == 1, err0
+    assert last0.startswith("gpuloss train: stopped at iteration 0: a training step failed on rank 1 of 2: "
+                            "GraphError: layer 'loss' (SoftmaxWithLoss): "), last0
+    assert "= 99 is not a class index in [0, 10)" in last0 and last0.endswith("rank 0 stops too")
+    assert procs[1].returncode == 2, err1
+    assert last1.startswith("gpuloss train: rank 1 of 2: layer 'loss' (SoftmaxWithLoss): "), last1
+    assert took < 100, f"the ranks took {took:.1f} s in all (start-up included)"
+    print(f"both ranks stopped {took:.1f} s after they started: {last0}")

@@ -351,7 +351,7 @@ def _train_loop(sol, cfg, feeder, train_net, test_net, test_arrays, n_test, prog
     total = None
     while sol.iter < cfg.max_iter:
         inputs = feeder.batch(sol.iter)
-        total = sol.step(inputs if dp is None else dp.shard(inputs))
+        total = sol.step(inputs) if dp is None else dp.step(sol, dp.shard(inputs))
         it = status["iter"] = sol.iter
         if cfg.display and (it % cfg.display == 0 or it == cfg.max_iter):
             # Reading the values is the one host synchronisation of a display interval.

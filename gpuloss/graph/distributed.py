@@ -55,6 +55,12 @@ def select_local_device() -> None:
         raise GraphError(f"LOCAL_RANK {local} but this host has {count} GPU(s): start at most {count} ranks per "
                          f"host (torchrun --nproc-per-node {count})")
     cupy.cuda.Device(local).use()
+    try:   # torch's current device too: the small collectives put their tensors there (.cuda())
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+    except ImportError:
+        pass
 
 
 class DataParallel:
@@ -75,6 +81,7 @@ class DataParallel:
         self.timeout_s = timeout_s
         self.bucket_bytes = int(bucket_bytes)
         self._buckets = None
+        self.exchanges = 0   # gradient exchanges so far (step tells a failure before one from one after)
         self._cuda = net_backend == "cuda"
 
     def describe(self) -> str:
@@ -132,18 +139,29 @@ class DataParallel:
         if current:
             buckets.append(current)
         out = []
-        for group in buckets:
+        for k, group in enumerate(buckets):
             total = sum(int(p.diff.size) for p in group)
             mod = np if xp == "numpy" else __import__(xp)
-            flat = mod.empty(total, dtype=group[0].diff.dtype)
+            # The last bucket carries one more number per rank: 1 where that rank's step failed
+            # before the exchange (see step), so that every rank learns it in the same all-reduce.
+            extra = self.world if k == len(buckets) - 1 else 0
+            flat = mod.zeros(total + extra, dtype=group[0].diff.dtype)
             out.append((group, flat, self._tensor(flat)))
         return out
 
-    def average_gradients(self, params) -> None:
-        """diff <- mean over ranks of diff, for every parameter: one all-reduce per bucket."""
+    def average_gradients(self, params, failure: Exception | None = None) -> None:
+        """diff <- mean over ranks of diff, for every parameter: one all-reduce per bucket.
+
+        ``failure``: this rank's step raised before the exchange (see :meth:`step`); it still takes
+        part, with its flag set in the last bucket, and every rank then stops."""
         if self._buckets is None:
             self._buckets = self._make_buckets(list(params))
+        self.exchanges += 1
         scale = 1.0 / self.world
+        status = self._buckets[-1][1][-self.world:]
+        status[...] = 0
+        if failure is not None:
+            status[self.rank] = 1
         for group, flat, tensor in self._buckets:
             pos = 0
             for p in group:
@@ -157,6 +175,26 @@ class DataParallel:
                 n = int(p.diff.size)
                 p.diff.reshape(-1)[...] = flat[pos:pos + n]
                 pos += n
+        flags = status if isinstance(status, np.ndarray) else status.get()   # CuPy: a few bytes to the host
+        failed = [r for r in range(self.world) if flags[r] > 0]
+        if failed:
+            self._stop_everyone("a training step", failure, failed)
+
+    def step(self, sol, inputs: dict):
+        """``sol.step(inputs)``; when it raises before the gradient exchange (a bad label in this
+        rank's share, out of memory, ...), this rank still joins the exchange, flagged, so that the
+        others stop at once naming it instead of waiting in the all-reduce (until its process exits
+        with gloo, until the timeout with NCCL)."""
+        before = self.exchanges
+        try:
+            return sol.step(inputs)
+        except DistributedFailure:
+            raise
+        except Exception as exc:
+            if self.exchanges != before:   # failed after the exchange (the update): nothing to pair with
+                raise
+            self.average_gradients(sol.params, failure=exc)
+            raise   # not reached: average_gradients raised this rank's error
 
     def mean(self, values: dict) -> dict:
         """The mean over ranks of a few host numbers (the displayed losses): one float64 all-reduce."""
@@ -213,8 +251,12 @@ class DataParallel:
             flags = flags.cuda()
         self._collective(f"the all-reduce that ends {what}", self._dist.all_reduce, flags)
         failed = [r for r, f in enumerate(flags.cpu().tolist()) if f]
-        if not failed:
-            return
+        if failed:
+            self._stop_everyone(what, failure, failed)
+
+    def _stop_everyone(self, what: str, failure, failed: list) -> None:
+        """Every rank knows that ``failed`` ranks raised in ``what``: they re-raise their own error, the
+        others a DistributedFailure naming the first failed rank and its error (one all_gather_object)."""
         texts = [None] * self.world   # the failed ranks' one-line errors, for every rank's message
         self._collective(f"the exchange of the errors of {what}", self._dist.all_gather_object, texts,
                          None if failure is None else _first_line(failure))
