@@ -58,3 +58,47 @@ def test_shapes_layouts_and_no_aliasing(name, rng):
     np.testing.assert_array_equal(out.astype(np.float32), x.astype(HALVES[name]).astype(np.float32))
     same = cpu_half.cast(x, np.float32)
     assert same is x   # nothing to convert
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape", [(300, 7), (257, 32), (40, 1000), (3, 32003)])
+def test_16bit_cross_entropy_reads_its_bits_and_equals_the_float32_call(name, shape, rng):
+    # The cpu kernels decode 16-bit rows in scratch and encode the gradient: the loss must be that of
+    # the float32 call on the widened input, and the gradient its rounding (to 1 ulp of the 16-bit
+    # type: the float32 values may differ in their last bit with the buffer's alignment).
+    import gpuloss as gl
+    dt = HALVES[name]
+    x = (rng.standard_normal(shape) * 3).astype(dt)
+    y = rng.integers(0, shape[1], shape[0])
+    y[::7] = -100
+    x[1, 0] = np.nan
+    for options in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3, "class_weight": rng.random(shape[1])}):
+        loss, grad = gl.softmax_cross_entropy(x, y, reduction="none", return_grad=True, **options)
+        loss32, grad32 = gl.softmax_cross_entropy(x.astype(np.float32), y, reduction="none", return_grad=True,
+                                                  **options)
+        assert grad.dtype == dt and loss.dtype == np.float32
+        np.testing.assert_array_equal(loss, loss32)
+        a, b = grad.astype(np.float32), grad32.astype(dt).astype(np.float32)
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        with np.errstate(invalid="ignore"):  # NaN rows
+            ulp = np.spacing(np.abs(b).astype(dt)).astype(np.float32)
+        assert np.all((np.abs(a - b) <= ulp) | np.isnan(b))
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_16bit_cross_entropy_allocates_little_more_than_its_gradient(name, rng):
+    import tracemalloc
+
+    import gpuloss as gl
+    x = rng.standard_normal((512, 8000)).astype(HALVES[name])
+    y = rng.integers(0, 8000, 512)
+    gl.softmax_cross_entropy(x, y, return_grad=True)  # compile first
+    tracemalloc.start()
+    try:
+        gl.softmax_cross_entropy(x, y, return_grad=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The gradient (x.nbytes) plus per-thread scratch and per-row vectors; a float32 copy of the
+    # logits alone would add 2 * x.nbytes.
+    assert peak < x.nbytes + 2 * 2**20, f"peak {peak / 2**20:.1f} MiB for a {x.nbytes / 2**20:.1f} MiB input"

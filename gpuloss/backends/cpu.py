@@ -13,11 +13,13 @@ import math
 import types
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from .._plan import ELEMENTWISE_KIND, CosinePlan, CrossEntropyPlan, ElementwisePlan, WeightedReducePlan
 from . import host
-from .cpu_math import exp_nonpositive, log1p_f32, log1p_unit, log_f32, maxnum
+from .cpu_half import bf16_bits_from_f32, f16_bits_from_f32, f32_bits_from_f16
+from .cpu_math import (exp_nonpositive, float32_to_int32_bits, int32_bits_to_float32, log1p_f32, log1p_unit, log_f32,
+                       maxnum)
 
 # Elements per chunk of the element-wise kernels: the unit of parallel work and of
 # the deterministic partial sums (big enough to amortise scheduling, small enough
@@ -239,19 +241,21 @@ def index_row_terms(nll, smooth_sum, lse, cw_y, eps, smooth_coef, w, z_loss, gra
 
 
 @njit(inline="always")
-def _invalid_row(n, want_grad, want_z, loss_out, z_out, grad_out):
-    """A target outside [0, C) (only reached with validate=False): NaN, and no read out of bounds."""
-    loss_out[n] = np.nan
+def _invalid_row(n, out_n, want_grad, want_z, loss_out, z_out, grad_out):
+    """A target outside [0, C) (only reached with validate=False): NaN, and no read out of bounds.
+    ``n`` is the row of grad_out, ``out_n`` its entry in loss_out / z_out (they differ for 16-bit
+    inputs, whose rows are decoded into scratch)."""
+    loss_out[out_n] = np.nan
     if want_z:
-        z_out[n] = np.nan
+        z_out[out_n] = np.nan
     if want_grad:
         for c in range(grad_out.shape[1]):
             grad_out[n, c] = np.nan
 
 
 @njit(inline="always")
-def _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, z_loss, grad_scale, want_grad, want_z, loss_out,
-                    z_out, grad_out):
+def _xent_index_row(x, n, yn, w, class_weight, cw_sum, eps, z_loss, grad_scale, want_grad, want_z, loss_out,
+                    z_out, out_n, grad_out):
     """One row of cross entropy with a class-index target, scalar math (twin of kernels/xent.cu).
 
     l = (1-eps) cw[y] (-logp_y) + eps/C sum_c cw[c] (-logp_c)   (PyTorch CrossEntropyLoss docs)
@@ -263,7 +267,7 @@ def _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, z_loss, grad_sca
     """
     classes = x.shape[1]
     if yn < 0 or yn >= classes:
-        _invalid_row(n, want_grad, want_z, loss_out, z_out, grad_out)
+        _invalid_row(n, out_n, want_grad, want_z, loss_out, z_out, grad_out)
         return
     m = _row_max(x, n, classes)
     s = 0.0
@@ -283,10 +287,10 @@ def _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, z_loss, grad_sca
     if eps != 0.0:
         for c in range(classes):
             smooth += class_weight[c] * ((m - x[n, c]) + log_s)
-    loss_out[n], z, a, b, zc = index_row_terms(nll, smooth, lse, cw_y, eps, eps / classes, w_row[n], z_loss,
-                                               grad_scale)
+    loss_out[out_n], z, a, b, zc = index_row_terms(nll, smooth, lse, cw_y, eps, eps / classes, w, z_loss,
+                                                   grad_scale)
     if want_z:
-        z_out[n] = z
+        z_out[out_n] = z
     if want_grad:
         for c in range(classes):
             p = math.exp((x[n, c] - m) - log_s)
@@ -297,10 +301,10 @@ def _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, z_loss, grad_sca
 
 
 @njit(inline="always")
-def _ignored_row(n, want_grad, want_z, loss_out, z_out, grad_out):
-    loss_out[n] = 0.0
+def _ignored_row(n, out_n, want_grad, want_z, loss_out, z_out, grad_out):
+    loss_out[out_n] = 0.0
     if want_z:
-        z_out[n] = 0.0
+        z_out[out_n] = 0.0
     if want_grad:
         for c in range(grad_out.shape[1]):
             grad_out[n, c] = 0.0
@@ -316,10 +320,10 @@ def _xent_index_kernel(x, y, w_row, class_weight, has_ignore, ignore_index, eps,
     for n in prange(x.shape[0]):
         yn = y[n]
         if has_ignore and yn == ignore_index:
-            _ignored_row(n, want_grad, want_z, loss_out, z_out, grad_out)
+            _ignored_row(n, n, want_grad, want_z, loss_out, z_out, grad_out)
         else:
-            _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, z_loss, grad_scale, want_grad, want_z,
-                            loss_out, z_out, grad_out)
+            _xent_index_row(x, n, yn, w_row[n], class_weight, cw_sum, eps, z_loss, grad_scale, want_grad, want_z,
+                            loss_out, z_out, n, grad_out)
 
 
 # The float32 sweeps of the fast cross entropy, one small function each: LLVM
@@ -408,10 +412,84 @@ def _row_finish_grad(g, coef, b, class_weight, has_class_weight):
             g[c] = coef * g[c] - b
 
 
-@parallel_kernel()
-def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, has_ignore, ignore_index, eps, z_loss,
-                           grad_scale, want_grad, want_z, loss_out, z_out, grad_out):
-    """Float32 cross entropy with class-index targets at the memory and exp limit.
+@njit(inline="always")
+def _xent_f32_row(x, n, out_n, yn, w, class_weight, has_class_weight, cw_sum, eps, smooth_coef, has_ignore,
+                  ignore_index, z_loss, grad_scale, want_grad, want_z, loss_out, z_out, grad_out):
+    """Row n of x (float32) -> loss_out[out_n], z_out[out_n], grad_out[n]; see _make_xent_index_kernel_f32."""
+    if has_ignore and yn == ignore_index:
+        _ignored_row(n, out_n, want_grad, want_z, loss_out, z_out, grad_out)
+        return
+    classes = x.shape[1]
+    row = x[n]
+    m = _row_max_vec(row)
+    if not (-np.inf < m < np.inf) or yn < 0 or yn >= classes:
+        _xent_index_row(x, n, yn, w, class_weight, cw_sum, eps, z_loss, grad_scale, want_grad, want_z, loss_out,
+                        z_out, out_n, grad_out)
+        return
+    rest = _row_sum_exp_except(row, m, grad_out[n] if want_grad else grad_out[0], want_grad, yn)
+    e_y = exp_nonpositive(row[yn] - m)
+    s = rest + e_y
+    if s != s:  # a NaN in the row (exp_nonpositive passes it on): the scalar path makes it NaN
+        _xent_index_row(x, n, yn, w, class_weight, cw_sum, eps, z_loss, grad_scale, want_grad, want_z, loss_out,
+                        z_out, out_n, grad_out)
+        return
+    log_s = math.log(s)
+    lse = m + log_s
+    # -logp_y = (m - x_y) + log s; when y holds the max, e_y = 1 and it is log1p(rest), exact for tiny losses.
+    nll = math.log1p(rest) if row[yn] == m else (m - row[yn]) + log_s
+    cw_y = class_weight[yn]
+    # sum_c cw_c (-logp_c) = sum_c cw_c (m - x_c) + sum(cw) log s
+    smooth = _row_weighted_gap(row, class_weight, m) + cw_sum * log_s if eps != 0.0 else 0.0
+    loss_out[out_n], z, a, b, zc = index_row_terms(nll, smooth, lse, cw_y, eps, smooth_coef, w, z_loss, grad_scale)
+    if want_z:
+        z_out[out_n] = z
+    if want_grad:
+        _row_finish_grad(grad_out[n], np.float32((a + b * cw_sum + zc) / s), np.float32(b), class_weight,
+                         has_class_weight)
+        # a (p_y - 1) = -a rest / s: no cancellation when p_y is close to 1.
+        grad_out[n, yn] = -a * rest / s + (b * cw_sum + zc) * (e_y / s) - b * cw_y
+
+
+# How the float32 kernels get their rows: float32 as stored, or 16-bit bit patterns (uint16 views of
+# float16 / bfloat16) decoded into per-thread float32 scratch, and the gradient encoded back, so a
+# 16-bit call needs no float32 copy of its input and none of its gradient.
+STORE_F32, STORE_F16, STORE_BF16 = 0, 1, 2
+# Float32 elements of scratch per thread for 16-bit rows (as many again for their gradient): 128 KiB,
+# in L2; at least one row.
+HALF_CHUNK_ELEMENTS = 1 << 15
+
+
+@njit(inline="always")
+def _decode_half(h, store):
+    """float32 value of the 16-bit pattern h (exact): float16 rebiased, bfloat16 by a shift."""
+    bits = f32_bits_from_f16(h) if store == STORE_F16 else np.uint32(h) << np.uint32(16)
+    return int32_bits_to_float32(np.int32(bits))
+
+
+@njit(inline="always")
+def _encode_half(v, store):
+    """16-bit pattern of float32 v, rounded to nearest even as NumPy / ml_dtypes cast."""
+    bits = np.uint32(float32_to_int32_bits(v))
+    return f16_bits_from_f32(bits) if store == STORE_F16 else bf16_bits_from_f32(bits)
+
+
+@njit(cache=True)
+def _decode_rows(src, r0, nr, store, dst):
+    for r in range(nr):
+        for c in range(src.shape[1]):
+            dst[r, c] = _decode_half(src[r0 + r, c], store)
+
+
+@njit(cache=True)
+def _encode_rows(src, nr, store, dst, r0):
+    for r in range(nr):
+        for c in range(src.shape[1]):
+            dst[r0 + r, c] = _encode_half(src[r, c], store)
+
+
+def _make_xent_index_kernel_f32(store: int):
+    """Float32 cross entropy with class-index targets at the memory and exp limit, for rows stored
+    as ``store`` (a closure constant: each storage gets its own compiled kernel).
 
     Per row, sweeps over data in L2 after the first: (1) the max (llvm.maxnum,
     NaN ignored), (2) e_c = exp(x_c - m) with cpu_math's vectorised exp, stored
@@ -420,47 +498,43 @@ def _xent_index_kernel_f32(x, y, w_row, class_weight, has_class_weight, has_igno
     zc) e_c / s - b cw_c, and grad_y from rest directly.  The sums have a fixed
     order, so results do not depend on the thread count.  Rows holding NaN or
     +inf, an all -inf row, or an invalid target take the scalar path of
-    _xent_index_row.
+    _xent_index_row.  16-bit rows go through the same code in chunks of
+    HALF_CHUNK_ELEMENTS decoded into scratch, so their float32 values, and so
+    the results, are those of a float32 call on the cast input.
     """
-    rows, classes = x.shape
-    cw_sum = 0.0
-    for c in range(classes):
-        cw_sum += class_weight[c]
-    smooth_coef = eps / classes
-    for n in prange(rows):
-        yn = y[n]
-        if has_ignore and yn == ignore_index:
-            _ignored_row(n, want_grad, want_z, loss_out, z_out, grad_out)
-            continue
-        row = x[n]
-        m = _row_max_vec(row)
-        if not (-np.inf < m < np.inf) or yn < 0 or yn >= classes:
-            _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, z_loss, grad_scale, want_grad, want_z,
-                            loss_out, z_out, grad_out)
-            continue
-        rest = _row_sum_exp_except(row, m, grad_out[n] if want_grad else grad_out[0], want_grad, yn)
-        e_y = exp_nonpositive(row[yn] - m)
-        s = rest + e_y
-        if s != s:  # a NaN in the row (exp_nonpositive passes it on): the scalar path makes it NaN
-            _xent_index_row(x, n, yn, w_row, class_weight, cw_sum, eps, z_loss, grad_scale, want_grad, want_z,
-                            loss_out, z_out, grad_out)
-            continue
-        log_s = math.log(s)
-        lse = m + log_s
-        # -logp_y = (m - x_y) + log s; when y holds the max, e_y = 1 and it is log1p(rest), exact for tiny losses.
-        nll = math.log1p(rest) if row[yn] == m else (m - row[yn]) + log_s
-        cw_y = class_weight[yn]
-        # sum_c cw_c (-logp_c) = sum_c cw_c (m - x_c) + sum(cw) log s
-        smooth = _row_weighted_gap(row, class_weight, m) + cw_sum * log_s if eps != 0.0 else 0.0
-        loss_out[n], z, a, b, zc = index_row_terms(nll, smooth, lse, cw_y, eps, smooth_coef, w_row[n], z_loss,
-                                                   grad_scale)
-        if want_z:
-            z_out[n] = z
-        if want_grad:
-            _row_finish_grad(grad_out[n], np.float32((a + b * cw_sum + zc) / s), np.float32(b), class_weight,
-                             has_class_weight)
-            # a (p_y - 1) = -a rest / s: no cancellation when p_y is close to 1.
-            grad_out[n, yn] = -a * rest / s + (b * cw_sum + zc) * (e_y / s) - b * cw_y
+
+    def kernel(x, y, w_row, class_weight, has_class_weight, has_ignore, ignore_index, eps, z_loss, grad_scale,
+               want_grad, want_z, loss_out, z_out, grad_out, scratch):
+        rows, classes = x.shape
+        cw_sum = 0.0
+        for c in range(classes):
+            cw_sum += class_weight[c]
+        smooth_coef = eps / classes
+        if store == STORE_F32:
+            for n in prange(rows):
+                _xent_f32_row(x, n, n, y[n], w_row[n], class_weight, has_class_weight, cw_sum, eps, smooth_coef,
+                              has_ignore, ignore_index, z_loss, grad_scale, want_grad, want_z, loss_out, z_out,
+                              grad_out)
+        else:
+            # scratch[k] = float32 rows (and their gradient) of slot k, one contiguous share of the rows
+            # each; a row's result never depends on which slot or chunk holds it.
+            slots, _, chunk, _ = scratch.shape
+            share = (rows + slots - 1) // slots
+            for k in prange(slots):
+                xs = scratch[k, 0]
+                gs = scratch[k, 1]
+                for r0 in range(k * share, min(rows, (k + 1) * share), chunk):
+                    nr = min(chunk, rows - r0, (k + 1) * share - r0)
+                    _decode_rows(x, r0, nr, store, xs)
+                    for r in range(nr):
+                        _xent_f32_row(xs, r, r0 + r, y[r0 + r], w_row[r0 + r], class_weight, has_class_weight,
+                                      cw_sum, eps, smooth_coef, has_ignore, ignore_index, z_loss, grad_scale,
+                                      want_grad, want_z, loss_out, z_out, gs)
+                    if want_grad:
+                        _encode_rows(gs, nr, store, grad_out, r0)
+
+    kernel.__name__ = kernel.__qualname__ = f"_xent_index_kernel_f32_store{store}"
+    return parallel_kernel()(kernel)
 
 
 # Rows per lane block of the small-C cross entropy: 256 rows x 32 classes of float32 scratch is 32 KiB,
@@ -574,9 +648,7 @@ def _lanes_grad_y(rest, s, x_y, m, log_s, cw_y, w, nr, eps, smooth_coef, cw_sum,
         grad_y[r] = -(g * (one - eps) * cw_y[r]) * rest[r] / s[r] + zc * p_y + b * (cw_sum * p_y - cw_y[r])
 
 
-@parallel_kernel(fastmath=_VEC)
-def _xent_index_kernel_lanes(x, y, w_row, class_weight, has_ignore, ignore_index, eps, z_loss, grad_scale,
-                             want_grad, want_z, loss_out, z_out, grad_out):
+def _make_xent_index_kernel_lanes(store: int):
     """Float32 cross entropy with class-index targets for C <= LANES_MAX_CLASSES: rows as SIMD lanes.
 
     A row of a few classes is too short for a vector loop, so blocks of LANE_ROWS rows are transposed
@@ -585,79 +657,96 @@ def _xent_index_kernel_lanes(x, y, w_row, class_weight, has_ignore, ignore_index
     those of index_row_terms in float32 with cpu_math's log; -logp_y is log1p(rest) when y holds the
     max, as everywhere. Rows that are ignored, have a target outside [0, C), a NaN or +inf logit,
     or no finite logit are redone by the scalar row code afterwards (the vector pass writes
-    something for them first, which that overwrites).
+    something for them first, which that overwrites). 16-bit rows (``store``, as in
+    _make_xent_index_kernel_f32) are decoded block by block into float32 scratch, and their
+    gradient encoded back.
     """
-    rows, classes = x.shape
-    cw_sum = F32_ZERO
-    for c in range(classes):
-        cw_sum += class_weight[c]
-    smooth_coef = eps / np.float32(classes)
-    one = np.float32(1.0)
-    two = np.float32(2.0)
-    for blk in prange((rows + LANE_ROWS - 1) // LANE_ROWS):
-        r0 = blk * LANE_ROWS
-        nr = min(LANE_ROWS, rows - r0)
-        xt = np.empty((classes, LANE_ROWS), np.float32)
-        m = np.empty(LANE_ROWS, np.float32)
-        s = np.empty(LANE_ROWS, np.float32)
-        rest = np.empty(LANE_ROWS, np.float32)
-        x_y = np.empty(LANE_ROWS, np.float32)
-        gap = np.empty(LANE_ROWS, np.float32)
-        coef = np.empty(LANE_ROWS, np.float32)
-        grad_y = np.empty(LANE_ROWS, np.float32)
-        cw_y = np.empty(LANE_ROWS, np.float32)
-        w_b = np.empty(LANE_ROWS, np.float32)
-        log_s = np.empty(LANE_ROWS, np.float32)
-        nll = np.empty(LANE_ROWS, np.float32)
-        loss_b = np.empty(LANE_ROWS, np.float32)
-        z_b = np.empty(LANE_ROWS, np.float32)
-        yb = np.empty(LANE_ROWS, np.int64)
-        for r in range(nr):
-            yr = y[r0 + r]
-            yb[r] = yr
-            x_y[r] = x[r0 + r, min(max(yr, 0), classes - 1)]  # clamped: an invalid row is redone below
-        _lanes_transpose_in(x, r0, nr, classes, xt)
-        _lanes_max(xt, nr, m)
-        if eps != F32_ZERO:
-            _lanes_gap(xt, nr, class_weight, m, gap)
-        _lanes_exp(xt, nr, m, s)
-        _lanes_rest(xt, nr, yb, rest)
-        for r in range(nr):
-            cw_y[r] = class_weight[min(max(yb[r], 0), classes - 1)]
-            w_b[r] = w_row[r0 + r]
-        _lanes_log(s, nr, log_s)
-        _lanes_nll(x_y, m, rest, log_s, nr, nll)
-        _lanes_loss(nll, log_s, gap, m, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, loss_b, z_b)
-        for r in range(nr):
-            loss_out[r0 + r] = loss_b[r]
-        if want_z:
+
+    def kernel(x, y, w_row, class_weight, has_ignore, ignore_index, eps, z_loss, grad_scale, want_grad, want_z,
+               loss_out, z_out, grad_out):
+        rows, classes = x.shape
+        cw_sum = F32_ZERO
+        for c in range(classes):
+            cw_sum += class_weight[c]
+        smooth_coef = eps / np.float32(classes)
+        one = np.float32(1.0)
+        two = np.float32(2.0)
+        for blk in prange((rows + LANE_ROWS - 1) // LANE_ROWS):
+            r0 = blk * LANE_ROWS
+            nr = min(LANE_ROWS, rows - r0)
+            xt = np.empty((classes, LANE_ROWS), np.float32)
+            m = np.empty(LANE_ROWS, np.float32)
+            s = np.empty(LANE_ROWS, np.float32)
+            rest = np.empty(LANE_ROWS, np.float32)
+            x_y = np.empty(LANE_ROWS, np.float32)
+            gap = np.empty(LANE_ROWS, np.float32)
+            coef = np.empty(LANE_ROWS, np.float32)
+            grad_y = np.empty(LANE_ROWS, np.float32)
+            cw_y = np.empty(LANE_ROWS, np.float32)
+            w_b = np.empty(LANE_ROWS, np.float32)
+            log_s = np.empty(LANE_ROWS, np.float32)
+            nll = np.empty(LANE_ROWS, np.float32)
+            loss_b = np.empty(LANE_ROWS, np.float32)
+            z_b = np.empty(LANE_ROWS, np.float32)
+            yb = np.empty(LANE_ROWS, np.int64)
+            # xf, gf: this block's rows of logits and gradient as float32 (the arrays themselves, or
+            # scratch for 16-bit storage)
+            if store == STORE_F32:
+                xf = x[r0:r0 + nr]
+                gf = grad_out[r0:r0 + nr] if want_grad else grad_out
+            else:
+                xf = np.empty((nr, classes), np.float32)
+                gf = np.empty((nr if want_grad else 1, classes), np.float32)
+                _decode_rows(x, r0, nr, store, xf)
             for r in range(nr):
-                z_out[r0 + r] = z_b[r]
-        if want_grad:
-            _lanes_grad_coef(s, m, log_s, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale, coef)
-            _lanes_grad_y(rest, s, x_y, m, log_s, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale,
-                          grad_y)
-        if want_grad:
-            # b = grad_scale * w_r * eps / C depends on the row only through w_r: a row-wise weight is
-            # folded into coef for the p-term, and the -b cw_c term below takes w from each row.
+                yr = y[r0 + r]
+                yb[r] = yr
+                x_y[r] = xf[r, min(max(yr, 0), classes - 1)]  # clamped: an invalid row is redone below
+            _lanes_transpose_in(xf, 0, nr, classes, xt)
+            _lanes_max(xt, nr, m)
+            if eps != F32_ZERO:
+                _lanes_gap(xt, nr, class_weight, m, gap)
+            _lanes_exp(xt, nr, m, s)
+            _lanes_rest(xt, nr, yb, rest)
             for r in range(nr):
-                b = grad_scale * w_b[r] * smooth_coef
-                rr = r0 + r
-                cr = coef[r]
-                for c in range(classes):
-                    grad_out[rr, c] = cr * xt[c, r] - b * class_weight[c]
+                cw_y[r] = class_weight[min(max(yb[r], 0), classes - 1)]
+                w_b[r] = w_row[r0 + r]
+            _lanes_log(s, nr, log_s)
+            _lanes_nll(x_y, m, rest, log_s, nr, nll)
+            _lanes_loss(nll, log_s, gap, m, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, loss_b, z_b)
             for r in range(nr):
+                loss_out[r0 + r] = loss_b[r]
+            if want_z:
+                for r in range(nr):
+                    z_out[r0 + r] = z_b[r]
+            if want_grad:
+                _lanes_grad_coef(s, m, log_s, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale, coef)
+                _lanes_grad_y(rest, s, x_y, m, log_s, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale,
+                              grad_y)
+            if want_grad:
+                # b = grad_scale * w_r * eps / C depends on the row only through w_r: a row-wise weight is
+                # folded into coef for the p-term, and the -b cw_c term below takes w from each row.
+                for r in range(nr):
+                    b = grad_scale * w_b[r] * smooth_coef
+                    cr = coef[r]
+                    for c in range(classes):
+                        gf[r, c] = cr * xt[c, r] - b * class_weight[c]
+                for r in range(nr):
+                    yr = yb[r]
+                    if 0 <= yr < classes:
+                        gf[r, yr] = grad_y[r]
+            for r in range(nr):  # the rows the lanes cannot take, by the scalar code
                 yr = yb[r]
-                if 0 <= yr < classes:
-                    grad_out[r0 + r, yr] = grad_y[r]
-        for r in range(nr):  # the rows the lanes cannot take, by the scalar code
-            rr = r0 + r
-            yr = yb[r]
-            if has_ignore and yr == ignore_index:
-                _ignored_row(rr, want_grad, want_z, loss_out, z_out, grad_out)
-            elif not (-np.inf < m[r] < np.inf) or s[r] != s[r] or yr < 0 or yr >= classes:
-                _xent_index_row(x, rr, yr, w_row, class_weight, np.float64(cw_sum), eps, z_loss, grad_scale,
-                                want_grad, want_z, loss_out, z_out, grad_out)
+                if has_ignore and yr == ignore_index:
+                    _ignored_row(r, r0 + r, want_grad, want_z, loss_out, z_out, gf)
+                elif not (-np.inf < m[r] < np.inf) or s[r] != s[r] or yr < 0 or yr >= classes:
+                    _xent_index_row(xf, r, yr, w_b[r], class_weight, np.float64(cw_sum), eps, z_loss, grad_scale,
+                                    want_grad, want_z, loss_out, z_out, r0 + r, gf)
+            if store != STORE_F32 and want_grad:
+                _encode_rows(gf, nr, store, grad_out, r0)
+
+    kernel.__name__ = kernel.__qualname__ = f"_xent_index_kernel_lanes_store{store}"
+    return parallel_kernel(fastmath=_VEC)(kernel)
 
 
 @parallel_kernel()
@@ -705,6 +794,9 @@ def _cosine_kernel(p, t, w_row, grad_scale, want_grad, loss_out, grad_out):
 
 
 # (loss name, fast) -> kernel; fast variants only where they differ.
+_XENT_F32 = {store: _make_xent_index_kernel_f32(store) for store in (STORE_F32, STORE_F16, STORE_BF16)}
+_XENT_LANES = {store: _make_xent_index_kernel_lanes(store) for store in (STORE_F32, STORE_F16, STORE_BF16)}
+_HALF_STORE = {"float16": STORE_F16, "bfloat16": STORE_BF16}
 _ELEMENTWISE_KERNELS = {(name, fast): _make_elementwise_kernel(name, kind, fast)
                         for name, kind in ELEMENTWISE_KIND.items()
                         for fast in ((False, True) if kind in _FAST_KINDS else (False,))}
@@ -712,6 +804,15 @@ _ELEMENTWISE_KERNELS = {(name, fast): _make_elementwise_kernel(name, kind, fast)
 
 def _scalar(value, dtype):
     return np.dtype(dtype).type(value)
+
+
+def _half_scratch(store: int, rows: int, classes: int):
+    """Float32 scratch of _make_xent_index_kernel_f32 for 16-bit rows: one slot per thread, each
+    room for a chunk of rows and of their gradient (a placeholder for float32 storage)."""
+    if store == STORE_F32:
+        return np.empty((1, 2, 1, 1), np.float32)
+    chunk = max(1, min(rows, HALF_CHUNK_ELEMENTS // max(classes, 1)))
+    return np.empty((max(1, min(get_num_threads(), rows)), 2, chunk, classes), np.float32)
 
 
 class CpuBackend:
@@ -722,7 +823,13 @@ class CpuBackend:
 
     def cross_entropy(self, plan: CrossEntropyPlan, logits, target, w_values, class_weight):
         dt = plan.dtypes
-        x = host.rows_last(logits, plan.outer, plan.classes, plan.inner, dt.compute)
+        # 16-bit logits with class-index targets are read as stored (their bits) and the gradient
+        # written in their dtype: no float32 copy of either (docs/design.md §9.4).
+        store = _HALF_STORE.get(dt.input.name, STORE_F32) if plan.index_target and not plan.softcap else STORE_F32
+        if store != STORE_F32:
+            x = host.rows_last(logits, plan.outer, plan.classes, plan.inner, dt.input).view(np.uint16)
+        else:
+            x = host.rows_last(logits, plan.outer, plan.classes, plan.inner, dt.compute)
         if plan.softcap:  # Gemma 2: the kernels see s * tanh(x / s); a new array, the input is untouched
             x = (plan.softcap * np.tanh(x / dt.compute.type(plan.softcap))).astype(dt.compute, copy=False)
         rows = plan.rows
@@ -732,7 +839,8 @@ class CpuBackend:
         z_rows = np.empty(rows if plan.return_z_loss else 1, dt.compute)
         # Without a gradient, one row of it still exists as a never-written e_out that does not alias
         # the logits: an e_out equal to the row makes LLVM's alias check fall back to scalar code (1.5x).
-        grad = np.empty((rows, plan.classes) if plan.return_grad else (1, plan.classes), dt.compute)
+        grad = np.empty((rows, plan.classes) if plan.return_grad else (1, plan.classes),
+                        dt.compute if store == STORE_F32 else np.uint16)
         eps, z_loss = _scalar(plan.label_smoothing, dt.compute), _scalar(plan.z_loss, dt.compute)
         has_ignore = plan.ignore_index is not None
         ignore_index = plan.ignore_index if has_ignore else 0
@@ -741,12 +849,12 @@ class CpuBackend:
             denom = host.denominator(plan.reduce, w_meas=host.index_target_weights(y, w_row, cw, plan.ignore_index))
             grad_scale = _scalar(float(host.inverse(denom)), dt.compute)
             if dt.compute == np.float32 and plan.classes <= LANES_MAX_CLASSES:
-                _xent_index_kernel_lanes(x.size, x, y, w_row, cw, has_ignore, ignore_index, eps, z_loss, grad_scale,
-                                         plan.return_grad, plan.return_z_loss, loss_rows, z_rows, grad)
+                _XENT_LANES[store](x.size, x, y, w_row, cw, has_ignore, ignore_index, eps, z_loss, grad_scale,
+                                   plan.return_grad, plan.return_z_loss, loss_rows, z_rows, grad)
             elif dt.compute == np.float32:
-                _xent_index_kernel_f32(x.size, x, y, w_row, cw, plan.has_class_weight, has_ignore, ignore_index, eps,
-                                       z_loss, grad_scale, plan.return_grad, plan.return_z_loss, loss_rows, z_rows,
-                                       grad)
+                _XENT_F32[store](x.size, x, y, w_row, cw, plan.has_class_weight, has_ignore, ignore_index, eps,
+                                 z_loss, grad_scale, plan.return_grad, plan.return_z_loss, loss_rows, z_rows, grad,
+                                 _half_scratch(store, rows, plan.classes))
             else:
                 _xent_index_kernel(x.size, x, y, w_row, cw, has_ignore, ignore_index, eps, z_loss, grad_scale,
                                    plan.return_grad, plan.return_z_loss, loss_rows, z_rows, grad)
@@ -762,6 +870,8 @@ class CpuBackend:
             return loss, z_term, None
         if plan.softcap:  # chain rule through s * tanh(x / s): times 1 - tanh^2 = 1 - (x' / s)^2
             grad *= 1 - np.square(x / dt.compute.type(plan.softcap))
+        if store != STORE_F32:
+            grad = grad.view(dt.input)
         return loss, z_term, host.rows_back(grad, logits.shape, plan.outer, plan.classes, plan.inner, dt.input)
 
     def elementwise(self, plan: ElementwisePlan, pred, target, w_values, pos_weight):
