@@ -174,14 +174,18 @@ def bench_cross_entropy(shape, dtype, repeats, torch, backend, forward_only=Fals
     row = Row(case="softmax_cross_entropy" + (" fwd" if forward_only else " fwd+bwd"), shape=shape,
               dtype=np.dtype(dtype).name, gpuloss_ms=ms, first_call_ms=first, bytes_moved=moved,
               gbps=moved / (ms * 1e-3) / 1e9)
+    half = x.dtype.itemsize == 2
     if not forward_only:
         floor_kernel, _ = _streaming_kernels()
-        out = np.empty_like(x)
+        xs = x.view(np.uint16) if half else x  # the floor only moves bytes: 16-bit patterns will do
+        out = np.empty_like(xs)
         partial = np.empty(rows)
-        row.floor_ms = median_ms(lambda: floor_kernel(x, out, partial), repeats)
+        row.floor_ms = median_ms(lambda: floor_kernel(xs, out, partial), repeats)
         row.vs_floor = ms / row.floor_ms
     if torch is not None:
-        xt = torch.from_numpy(x)
+        # bfloat16 has no NumPy dtype in torch: the same bits through int16
+        xt = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if x.dtype.name == "bfloat16" \
+            else torch.from_numpy(x)
         yt = torch.from_numpy(y)
         F = torch.nn.functional
         if forward_only:
@@ -270,6 +274,8 @@ def run_suite(quick: bool = False, backend: str = "cpu", repeats: int | None = N
         report.first_call_cold_s, report.first_call_warm_s = first_call_seconds()
     shapes = QUICK_XENT_SHAPES if quick else XENT_SHAPES
     jobs = [("xent", s, False) for s in shapes] + [("xent", s, True) for s in shapes]
+    # 16-bit logits read as stored: their time against the float32 row of the same shape (in notes)
+    jobs += [("xent16", shapes[0], dt) for dt in ("float16", "bfloat16")]
     jobs += [("elementwise", n, None) for n in (ELEMENTWISE[:3] if quick else ELEMENTWISE)]
     size = (1 << 22) if quick else (1 << 25)
     from tqdm import tqdm
@@ -277,6 +283,12 @@ def run_suite(quick: bool = False, backend: str = "cpu", repeats: int | None = N
     for kind, what, fwd in tqdm(jobs, desc="gpuloss bench", disable=not progress, unit="case"):
         if kind == "xent":
             report.rows.append(bench_cross_entropy(what, np.float32, repeats, torch, backend, forward_only=fwd))
+        elif kind == "xent16":
+            import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+            row = bench_cross_entropy(what, np.dtype(fwd), repeats, torch, backend)
+            f32 = next(r for r in report.rows if r.case == row.case and r.shape == row.shape and r.dtype == "float32")
+            row.notes = f"{row.gpuloss_ms / f32.gpuloss_ms:.2f}x the float32 time of the same shape"
+            report.rows.append(row)
         else:
             report.rows.append(bench_elementwise(what, size, repeats, torch, backend))
     if backend == "cpu" and torch is not None:
@@ -301,14 +313,18 @@ def markdown(report: Report) -> str:
                  "" if report.first_call_cold_s is None else
                  f" A new process's import + first calls: {report.first_call_cold_s:.1f} s with an empty Numba "
                  f"cache (compiling), {report.first_call_warm_s:.1f} s with it warm."), "",
-             "| case | shape | gpuloss ms | torch ms | speed-up | GB/s | floor ms | x floor | first call ms |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| case | shape | dtype | gpuloss ms | torch ms | speed-up | GB/s | floor ms | x floor | first call ms |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report.rows:
         r = asdict(r)
-        lines.append(f"| {r['case']} | {tuple(r['shape'])} | {r['gpuloss_ms']:.2f} | {_fmt(r['torch_ms'], '.2f')} | "
+        lines.append(f"| {r['case']} | {tuple(r['shape'])} | {r['dtype']} | {r['gpuloss_ms']:.2f} | "
+                     f"{_fmt(r['torch_ms'], '.2f')} | "
                      f"{_fmt(r['speedup_vs_torch'], '.1f')}{'' if r['speedup_vs_torch'] is None else 'x'} | "
                      f"{r['gbps']:.1f} | {_fmt(r['floor_ms'], '.2f')} | {_fmt(r['vs_floor'], '.2f')} | "
                      f"{r['first_call_ms']:.0f} |")
+    notes = [f"- {r.case} {tuple(r.shape)} {r.dtype}: {r.notes}" for r in report.rows if r.notes]
+    if notes:
+        lines += ["", "Notes:", ""] + notes
     if report.linear_rows:
         from .bench_linear import markdown_rows
         lines += ["", "Fused linear + cross entropy (time and peak memory; gpuloss.bench_linear):", "",
@@ -360,7 +376,8 @@ def _plot(report: Report, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except Exception:
         return None
-    rows = [r for r in report.rows if r.case.endswith("fwd+bwd") and r.case.startswith("softmax")]
+    rows = [r for r in report.rows if r.case.endswith("fwd+bwd") and r.case.startswith("softmax")
+            and r.dtype == "float32"]
     if not rows:
         return None
     rows.sort(key=lambda r: r.shape[1])

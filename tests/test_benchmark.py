@@ -21,6 +21,15 @@ def tiny_report():
     return report
 
 
+def test_16bit_cross_entropy_rows_time_against_torch_and_the_floor():
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 arrays come from ml_dtypes")
+    torch = benchmark._torch()
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        row = benchmark.bench_cross_entropy((64, 100), dtype, 2, torch, "cpu")
+        assert row.dtype == np.dtype(dtype).name and row.bytes_moved == 2 * 64 * 100 * 2 + 64 * 8
+        assert row.floor_ms > 0 and (torch is None or row.torch_ms > 0)
+
+
 def test_rows_carry_times_ratios_and_floor(tiny_report):
     fwd_bwd, fwd, huber = tiny_report.rows
     assert fwd_bwd.gpuloss_ms > 0 and fwd_bwd.floor_ms > 0 and fwd_bwd.vs_floor > 0
@@ -36,7 +45,7 @@ def test_results_are_written_as_json_markdown_and_plot(tiny_report, tmp_path):
     data = json.loads(paths[0].read_text())
     assert data["machine"] == "test machine" and len(data["rows"]) == 3
     md = paths[1].read_text()
-    assert "| softmax_cross_entropy fwd+bwd | (64, 100) |" in md and "test machine" in md
+    assert "| softmax_cross_entropy fwd+bwd | (64, 100) | float32 |" in md and "test machine" in md
     if any(p.suffix == ".png" for p in paths):
         assert (tmp_path / paths[-1].name).stat().st_size > 1000
 
