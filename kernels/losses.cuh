@@ -266,6 +266,30 @@ GPULOSS_DEVICE void visit_row(const T* xr, index_t C, index_t stride, int rank, 
   for (index_t c = body_end + rank; c < C; c += size) f(c, gl::load_as_acc(xr, c));
 }
 
+// Copy a contiguous row to `copy` (shared memory) with 16-byte loads and
+// stores: `copy` must sit at the same offset from a 16-byte boundary as xr
+// (row_copy_shift), so the packs stay aligned and visit_row / map_row on
+// `copy` split the row between the threads as they would on xr.
+template <class T>
+GPULOSS_DEVICE void copy_row(const T* xr, index_t C, int rank, int size, T* copy) {
+  enum { N = Pack16<T>::N };
+  index_t head = head_elements(xr);
+  if (head < 0 || head > C) head = C;
+  const index_t body_end = head + (C - head) / N * N;
+  for (index_t c = rank; c < head; c += size) copy[c] = xr[c];
+  for (index_t c = head + (index_t)rank * N; c < body_end; c += (index_t)size * N) {
+    *reinterpret_cast<Pack16<T>*>(copy + c) = *reinterpret_cast<const Pack16<T>*>(xr + c);
+  }
+  for (index_t c = body_end + rank; c < C; c += size) copy[c] = xr[c];
+}
+
+// Elements to skip at the start of a 16-byte aligned buffer so that a copy of
+// the row xr placed there has xr's offset from a 16-byte boundary.
+template <class T> GPULOSS_DEVICE index_t row_copy_shift(const T* xr) {
+  const index_t head = head_elements(xr);
+  return head > 0 ? (index_t)Pack16<T>::N - head : 0;
+}
+
 // As visit_row, and stores g(c, x_c) to the same position of gr (vector
 // stores when gr sits at the same offset from a 16-byte boundary as xr).
 template <class T, class F>

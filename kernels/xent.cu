@@ -52,14 +52,20 @@
 //                             per measurement; the threads of a warp read
 //                             consecutive i, so each class step is a
 //                             coalesced load.
+//   xent_cached_fwd_bwd_<p>   as xent_fwd_bwd, for contiguous rows of at most
+//                             48 KiB: the row is copied to dynamic shared
+//                             memory first and every pass reads it there.
+//   xent_split_stats_<p>,     fewer than 264 rows of C > 1024: each row split
+//   xent_split_fwd_bwd_<p>    over several blocks, two launches (see below).
 // Contiguous rows are read with 16-byte vector loads after a scalar head up to
 // the first 16-byte boundary (any row alignment works, including offset views).
 //
 // Memory traffic. Pass 1 reads the row (online max and sum); pass 2 reads it
-// again and writes the gradient. For one row per block the second read hits
-// L2 (a 128256-class float32 row is 0.5 MB; the rows in flight fit in H100's
-// 50 MB L2), so DRAM sees read x + write grad = 8 bytes per float32 logit, 4
-// per bf16: the bound to reach is ~85% of the copy bandwidth.
+// again and writes the gradient. A row of at most 48 KiB is read from DRAM
+// once into shared memory (xent_cached_fwd_bwd); for longer rows the second
+// read hits L2 (a 128256-class float32 row is 0.5 MB; the rows in flight fit
+// in H100's 50 MB L2), so DRAM sees read x + write grad = 8 bytes per float32
+// logit, 4 per bf16: the bound to reach is ~85% of the copy bandwidth.
 //
 // Entry points, <p> in f32, f64, f16, bf16, f16_f32, bf16_f32 (logits
 // storage, then the probability-target storage when it differs), all with
@@ -100,6 +106,7 @@ struct XentArgs {
   double* partials;     // 2 * gridDim.x float64 (gll::finish_reduced)
   unsigned int* ticket;  // the launch's "last block done" counter, 0 on entry and on exit
   A* out;               // {loss, z term}, reduced
+  int cache_row;        // block variant, contiguous rows: keep the row in dynamic shared memory
 
   GPULOSS_DEVICE A class_weight(index_t c) const { return has_cw ? cw[c] : A(1); }
   // The logit the softmax sees: capped when softcap is on (a +-inf logit becomes +-s).
@@ -120,6 +127,7 @@ struct XentArgs {
 
 // Who cooperates on one row: a whole block, `width` lanes of a warp, or one thread.
 struct BlockGroup {
+  enum { kCached = 0 };
   GPULOSS_DEVICE int rank() const { return (int)threadIdx.x; }
   GPULOSS_DEVICE int size() const { return (int)blockDim.x; }
   template <class A> GPULOSS_DEVICE A sum(A v) const {
@@ -132,7 +140,15 @@ struct BlockGroup {
   }
 };
 
+// A block whose row sits in shared memory (the launch's cache_row): a type of
+// its own, so the row pointer of the passes is known to be shared memory at
+// compile time (ld.shared, no generic loads) and the uncached kernel is unchanged.
+struct CachedBlockGroup : BlockGroup {
+  enum { kCached = 1 };
+};
+
 struct WarpGroup {
+  enum { kCached = 0 };
   int width;
   GPULOSS_DEVICE int rank() const { return gl::lane_id() & (width - 1); }
   GPULOSS_DEVICE int size() const { return width; }
@@ -143,6 +159,7 @@ struct WarpGroup {
 };
 
 struct SoloGroup {
+  enum { kCached = 0 };
   GPULOSS_DEVICE int rank() const { return 0; }
   GPULOSS_DEVICE int size() const { return 1; }
   template <class V> GPULOSS_DEVICE V sum(V v) const { return v; }
@@ -181,6 +198,18 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool 
   const bool live = active && !ignored && !invalid;
   const bool smoothing = a.index_target && eps != A(0);
 
+  // A row the launch marked cache_row (one row per block, contiguous, at most
+  // 48 KiB) is first copied to shared memory, and every pass reads it there:
+  // the logits come from DRAM once, not once per pass.
+  const T* xr2 = xr;  // where the passes read the row
+  if constexpr (G::kCached) {
+    GPULOSS_DYNAMIC_SHARED(T, smem);
+    T* cache = smem + gll::row_copy_shift(xr);
+    if (live) gll::copy_row(xr, C, rank, size, cache);
+    __syncthreads();
+    xr2 = cache;
+  }
+
   // Pass 1: online (max, sum); for index targets also rest = sum_{c != y}
   // exp(x_c - max) under the same running max; for probability targets
   // mass = sum_c wt_c; for smoothed index targets with class weights sum_c cw_c.
@@ -188,16 +217,18 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool 
   A extra = A(0), rest = A(0);
   if (live) {
     if (!a.index_target) {
-      gll::visit_row(xr, C, stride, rank, size, [&](index_t c, A v) {
+      auto f = [&](index_t c, A v) {
         gl::softmax_update(st, a.cap(v));
         extra += a.class_weight(c) * ((one - eps) * (A)gl::load_as_acc(tr, c * stride) + uniform);
-      });
+      };
+      gll::visit_row(xr2, C, stride, rank, size, f);
     } else {
       const bool sum_cw = smoothing && a.has_cw;
-      gll::visit_row(xr, C, stride, rank, size, [&](index_t c, A v) {
+      auto f = [&](index_t c, A v) {
         gl::softmax_update_rest(st, rest, a.cap(v), c != yn);
         if (sum_cw) extra += a.cw[c];
-      });
+      };
+      gll::visit_row(xr2, C, stride, rank, size, f);
     }
   }
   const A m_local = st.max;
@@ -228,7 +259,7 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool 
     if (a.want_grad || smoothing) {
       if (live) {
         if (a.want_grad) {
-          gll::map_row(xr, gr, C, stride, rank, size, [&](index_t c, A v) {
+          gll::map_row(xr2, gr, C, stride, rank, size, [&](index_t c, A v) {
             const A vc = a.cap(v);
             const A p = gl::exp((vc - m) - log_s);
             const A cwc = a.class_weight(c);
@@ -238,7 +269,7 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool 
             return (-coef_y * rest / st.sum + (coef_s * extra + coef_z) * p - coef_s * cwc) * a.cap_slope(vc);
           });
         } else {
-          gll::visit_row(xr, C, stride, rank, size,
+          gll::visit_row(xr2, C, stride, rank, size,
                          [&](index_t c, A v) { smooth += a.class_weight(c) * ((m - a.cap(v)) + log_s); });
         }
       } else if (active && a.want_grad) {
@@ -253,7 +284,7 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool 
       } else if (invalid) {
         l = z = gl::quiet_nan<A>();
       } else {
-        const A x_y = a.cap(gl::load_as_acc(xr, yn * stride));
+        const A x_y = a.cap(gl::load_as_acc(xr2, yn * stride));
         // -logp_y = (m - x_y) + log s; when y holds the max, s = 1 + rest and
         // log1p(rest) keeps a tiny loss (a confident row) exact.
         const A nll = x_y == m ? gl::log1p(rest) : (m - x_y) + log_s;
@@ -274,7 +305,7 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool 
     A loss = A(0);
     if (active) {
       if (a.want_grad) {
-        gll::map_row(xr, gr, C, stride, rank, size, [&](index_t c, A v) {
+        gll::map_row(xr2, gr, C, stride, rank, size, [&](index_t c, A v) {
           const A vc = a.cap(v);
           const A wt = a.class_weight(c) * ((one - eps) * (A)gl::load_as_acc(tr, c * stride) + uniform);
           loss += wt * ((m - vc) + log_s);
@@ -282,7 +313,7 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool 
           return g * (p * (mass + z_coef) - wt) * a.cap_slope(vc);
         });
       } else {
-        gll::visit_row(xr, C, stride, rank, size, [&](index_t c, A v) {
+        gll::visit_row(xr2, C, stride, rank, size, [&](index_t c, A v) {
           const A wt = a.class_weight(c) * ((one - eps) * (A)gl::load_as_acc(tr, c * stride) + uniform);
           loss += wt * ((m - a.cap(v)) + log_s);
         });
@@ -300,6 +331,9 @@ __device__ void xent_row(const XentArgs<T, P>& a, const G& grp, index_t n, bool 
       acc_z += (double)z;
     }
   }
+  // The next row of this block overwrites the cache, split between the threads
+  // by its own alignment: every thread must be done reading this one.
+  if constexpr (G::kCached) __syncthreads();
 }
 
 // The launch's end: nothing more for reduction "none"; else the reduced loss
@@ -309,9 +343,10 @@ __device__ void xent_finish(const XentArgs<T, P>& a, double acc_l, double acc_z)
   if (a.want_total) gll::finish_reduced(acc_l, acc_z, a.partials, a.ticket, a.denom, a.out);
 }
 
-template <class T, class P>
+// G: BlockGroup, or CachedBlockGroup (xent_cached_fwd_bwd: the row in shared memory).
+template <class G, class T, class P>
 __device__ void xent_block(const XentArgs<T, P>& a) {
-  const BlockGroup grp;
+  const G grp;
   double acc_l = 0.0, acc_z = 0.0;
   for (index_t n = blockIdx.x; n < a.rows; n += gridDim.x) xent_row(a, grp, n, true, acc_l, acc_z);
   xent_finish(a, acc_l, acc_z);
@@ -578,24 +613,40 @@ __device__ void xent_split_fwd_bwd(const XentArgs<T, P>& a, index_t splits, inde
       const gl::acc_t<T> *cw, int has_cw, int has_ignore, int64_t ignore_index, gl::acc_t<T> eps,            \
       gl::acc_t<T> z_loss, gl::acc_t<T> softcap, const double *scal, double denom_const, int denom_on_device, \
       gl::acc_t<T> *loss_rows, gl::acc_t<T> *z_rows, int want_z, int want_rows, T *grad, int want_grad,      \
-      int want_total, double *partials, unsigned int *ticket, gl::acc_t<T> *out
+      int want_total, double *partials, unsigned int *ticket, gl::acc_t<T> *out, int cache_row
 #define XENT_ARGS(T, P)                                                                                       \
   XentArgs<T, P> a{x,          rows,      classes,   inner,        y,        y_bytes,  t,                      \
                    index_target, w_values, w_count,  w_block,      cw,       has_cw,   has_ignore,             \
                    ignore_index, eps,      z_loss,   softcap,      gll::Denom{scal, denom_const, denom_on_device}, \
                    loss_rows,  z_rows,    want_z,    want_rows,    grad,     want_grad, want_total,            \
-                   partials,   ticket,    out}
+                   partials,   ticket,    out,          cache_row}
 
-// No __launch_bounds__: at 1024 threads it would cap registers at 64 and make
-// the float64 row kernel (~94 registers at sm_90) spill; launch.py gives
-// float64 rows at most 512 threads instead (and clamps any block to the
-// kernel's max_threads_per_block where CuPy reports it).
+// The row kernels get at most 512 threads (launch.py). __launch_bounds__(512, 2)
+// holds the uncached one to 64 registers for 16/32-bit storage without spills,
+// so two 512-thread blocks share an SM (unbounded it takes ~66-70 at sm_90);
+// float64 rows (~92 registers) would spill under it and keep one block. The
+// cached kernel needs more registers than 64 for 16-bit storage: its bound is
+// one 512-thread block (its 48 KiB of shared memory allows at most 4 anyway).
+// Before sm_80, bfloat16 is rounded in software (no cvt.rn.bf16.f32): it spills
+// under 64 registers there, so it keeps one block too.
+template <class T> struct RowMinBlocks { enum { value = 2 }; };
+template <> struct RowMinBlocks<double> { enum { value = 1 }; };
+#if GPULOSS_DEVICE_CODE && __CUDA_ARCH__ < 800
+template <> struct RowMinBlocks<gl::bf16_t> { enum { value = 1 }; };
+#endif
+#define GPULOSS_ROW_MIN_BLOCKS(T) RowMinBlocks<T>::value
 #define GPULOSS_XENT_ENTRIES(sfx, T, P)                                                                 \
-  extern "C" __global__ void xent_fwd_bwd_##sfx(XENT_PARAMS(T, P)) {                                    \
+  extern "C" __global__ void __launch_bounds__(512, GPULOSS_ROW_MIN_BLOCKS(T))                         \
+      xent_fwd_bwd_##sfx(XENT_PARAMS(T, P)) {                                                           \
     XENT_ARGS(T, P);                                                                                    \
-    xent_block(a);                                                                                      \
+    xent_block<BlockGroup>(a);                                                                          \
   }                                                                                                     \
   GPULOSS_REGISTER(xent_fwd_bwd_##sfx)                                                                  \
+  extern "C" __global__ void __launch_bounds__(512, 1) xent_cached_fwd_bwd_##sfx(XENT_PARAMS(T, P)) {   \
+    XENT_ARGS(T, P);                                                                                    \
+    xent_block<CachedBlockGroup>(a);                                                                    \
+  }                                                                                                     \
+  GPULOSS_REGISTER(xent_cached_fwd_bwd_##sfx)                                                           \
   extern "C" __global__ void xent_warp_fwd_bwd_##sfx(XENT_PARAMS(T, P), int group) {                    \
     XENT_ARGS(T, P);                                                                                    \
     xent_warp(a, group);                                                                                \

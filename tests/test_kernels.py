@@ -188,6 +188,37 @@ def test_split_rows_all_ignored_and_invalid(rng):
     assert np.isfinite(grad[0]).all() and np.isnan(grad[1]).all() and not grad[2].any()
 
 
+@pytest.mark.parametrize("classes,itemsize,cached", [(1025, 4, True), (12284, 4, True), (12285, 4, False),
+                                                     (24568, 2, True), (6142, 8, True), (6143, 8, False)])
+def test_rows_that_fit_are_kept_in_shared_memory(classes, itemsize, cached):
+    got = launch.row_cache_bytes(classes, 1, itemsize)
+    assert (got > 0) == cached and got <= 48 * 1024
+    assert launch.row_cache_bytes(classes, 3, itemsize) == 0  # class axis not last: strided rows
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, "bfloat16"], ids=str)
+@pytest.mark.parametrize("classes", [1025, 3001, 6142])
+def test_shared_memory_rows_match_reference(dtype, classes, rng):
+    # one row per block, the row kept in shared memory between the passes (when it fits), at
+    # every alignment: the cached copy keeps the row's offset from a 16-byte boundary
+    if dtype == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        dtype = ml_dtypes.bfloat16
+    cached = launch.row_cache_bytes(classes, 1, np.dtype(dtype).itemsize) > 0
+    assert launch.xent_launch(300, classes, 1)[0] == "block" and (cached or np.dtype(dtype).itemsize == 8)
+    rows = 4
+    for offset in (0, 1, 3):
+        logits = _offset_view((rng.standard_normal((rows, classes)) * 3).astype(dtype), offset)
+        y = rng.integers(0, classes, rows)
+        y[1] = -100
+        options = {"label_smoothing": 0.1, "class_weight": rng.uniform(0.5, 2, classes), "z_loss": 1e-3,
+                   "softcap": 20.0} if offset == 1 else {}
+        assert_matches_reference("softmax_cross_entropy", (logits, y), {**options, "reduction": "none"}, EMU)
+        probs = rng.random((rows, classes)).astype(dtype)
+        assert_matches_reference("softmax_cross_entropy", (logits, probs), {"reduction": "mean"}, EMU)
+
+
 @needs_gxx
 @pytest.mark.parametrize("classes", [7, 1000, 4099])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16], ids=lambda d: np.dtype(d).name)
@@ -357,7 +388,7 @@ def test_many_partials_in_the_reductions(rng):
 _INVALID = """
 import numpy as np, gpuloss as gl
 rng = np.random.default_rng(3)
-for shape, axis in [((6, 3), -1), ((6, 40), -1), ((5, 1500), -1), ((2, 4, 3), 1)]:
+for shape, axis in [((6, 3), -1), ((6, 40), -1), ((5, 1500), -1), ((2, 4, 3), 1), ((5, 9000), -1)]:
     for dtype in (np.float32, np.float16, np.float64):
         # exact-size arrays: any read past them lands in ASan's redzone
         logits = np.ascontiguousarray(rng.standard_normal(shape).astype(dtype))
@@ -414,7 +445,7 @@ def test_invalid_targets_give_nan_rows(rng):
 _EVERY_FAMILY = """
 import numpy as np, gpuloss as gl
 rng = np.random.default_rng(5)
-for shape, axis in [((5, 3), -1), ((4, 70), -1), ((2, 1100), -1), ((2, 3, 4), 1)]:
+for shape, axis in [((5, 3), -1), ((4, 70), -1), ((2, 1100), -1), ((2, 3, 4), 1), ((2, 9000), -1)]:
     logits = rng.standard_normal(shape).astype(np.float32)
     C = shape[axis]
     y = rng.integers(0, C, tuple(s for i, s in enumerate(shape) if i != axis % len(shape)))

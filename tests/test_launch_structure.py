@@ -76,9 +76,9 @@ def recording(monkeypatch):
     monkeypatch.setattr(be, "xp", proxy)
     real_launch = be._launch
 
-    def counted(name, blocks, threads, args):
+    def counted(name, blocks, threads, args, **kw):
         rec.launches.append((name, args))
-        return real_launch(name, blocks, threads, args)
+        return real_launch(name, blocks, threads, args, **kw)
 
     monkeypatch.setattr(be, "_launch", counted)
     for method in ("cross_entropy", "elementwise", "cosine_distance", "weighted_reduce"):

@@ -148,13 +148,38 @@ def test_kernel_compiles_and_reports_resources(path, arch):
 
 @pytest.mark.slow
 @needs_nvrtc
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("path", SOURCES, ids=[p.name for p in SOURCES])
-def test_no_spills_at_sm90(path):
-    res = _compiled(path, "sm_90")
+def test_no_spills(path, arch):
+    _skip_unsupported(arch)
+    res = _compiled(path, arch)
     entries, functions = nvrtc.parse_ptxas_log(res.log)
     spilled = {name: f for name, f in functions.items() if f["spill_stores"] or f["spill_loads"]}
-    assert not spilled, f"{path.name} spills at sm_90 (docs/design.md §3.1: zero spills is the rule): {spilled}"
+    assert not spilled, f"{path.name} spills at {arch} (docs/design.md §3.1: zero spills is the rule): {spilled}"
     assert set(entries) == set(res.entry_points)
+
+
+@pytest.mark.slow
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cross_entropy_registers_fit_the_launch_sizes(arch):
+    """gpuloss/backends/launch.py gives the row kernels (one row or one slice per block) at most
+    512 threads and the others at most 256: their registers must fit an SM's 64K at that size, and
+    the uncached 16/32-bit row kernel must let two 512-thread blocks share an SM (64 registers;
+    bfloat16 before sm_80 excepted: it converts in software)."""
+    from gpuloss.backends import launch
+
+    _skip_unsupported(arch)
+    path = next(p for p in kernel_sources() if p.name == "xent.cu")
+    rows = nvrtc.resources_from_result(_compiled(path, arch))
+    assert rows
+    for r in rows:
+        row_kernel = r.kernel.startswith(("xent_fwd_bwd_", "xent_cached_fwd_bwd_", "xent_split_"))
+        threads = launch.ROW_BLOCK_MAX if row_kernel else launch.MAX_THREADS
+        assert r.registers * threads <= 65536, r
+        if r.kernel.startswith("xent_fwd_bwd_") and not r.kernel.endswith("_f64"):
+            if not (arch == "sm_70" and "bf16" in r.kernel):
+                assert r.registers <= 64, r
 
 
 def test_parse_ptxas_log_formats():

@@ -59,10 +59,10 @@ WARP_MAX_CLASSES = 1024
 # thread each (coalesced loads across measurements; a thread then sums no more
 # classes than a lane of the warp kernel does), longer ones the kernels above.
 SOLO_MAX_CLASSES = 32
-# At most 512 threads a row: the 16/32-bit row kernel takes ~40 registers at
-# sm_90, so three 512-thread blocks share an SM (75% occupancy) where a
-# 1024-thread block fits once (50%). float64 rows (~94 registers) stay at 512
-# too: 1024 x 94 would exceed an SM's 64K registers and the launch would fail.
+# At most 512 threads a row: the 16/32-bit row kernel is held to 64 registers
+# (__launch_bounds__(512, 2) in xent.cu), so two 512-thread blocks share an SM.
+# float64 rows (~94 registers) stay at 512 too: 1024 x 94 would exceed an SM's
+# 64K registers and the launch would fail.
 ROW_BLOCK_MIN, ROW_BLOCK_MAX, ROW_BLOCK_MAX_F64 = 128, 512, 512
 MAX_ROW_BLOCKS = 65535
 # Few rows, many classes: with fewer rows than SPLIT_MAX_ROWS (about two waves of
@@ -72,6 +72,11 @@ MAX_ROW_BLOCKS = 65535
 # SPLIT_MIN_SLICE classes (a multiple of SPLIT_ALIGN: every slice starts at the
 # row's 16-byte alignment), one block each, up to SPLIT_MAX_ROWS blocks in all.
 SPLIT_MAX_ROWS, SPLIT_MIN_SLICE, SPLIT_ALIGN = 264, 4096, 64
+# One row per block: a contiguous row of at most this many bytes (plus up to 16
+# for its alignment) is kept in dynamic shared memory between the passes, so
+# the logits are read from DRAM once. 48 KiB is the most a launch may ask for
+# without opting in per kernel (cudaFuncAttributeMaxDynamicSharedMemorySize).
+ROW_CACHE_BYTES = 48 * 1024 - 16
 # Ticket counters of the "last block done" finishes, per stream: one for the
 # denominator launch, one for the loss launch.
 TICKET_DENOM, TICKET_LOSS, TICKET_SLOTS = 0, 1, 2
@@ -139,6 +144,14 @@ def xent_split(rows: int, classes: int) -> tuple[int, int]:
     return -(-classes // slice_len), slice_len
 
 
+def row_cache_bytes(classes: int, inner: int, itemsize: int) -> int:
+    """Dynamic shared memory of the one-row-per-block kernel: the row and up to 16 bytes to
+    keep its 16-byte alignment, for contiguous rows (inner == 1) that fit; else 0."""
+    if inner != 1 or classes * itemsize > ROW_CACHE_BYTES:
+        return 0
+    return classes * itemsize + 16
+
+
 def _rows_per_warp_grid(rows: int, group: int) -> tuple[int, int]:
     """(blocks, threads) giving every row `group` lanes of some warp (grid-strided past 65535 blocks)."""
     warps = max(1, -(-rows // (32 // group)))
@@ -197,7 +210,7 @@ class LaunchBackend:
             k = self._kernels[name] = self._module.get_function(name)
         return k
 
-    def _launch(self, name: str, blocks: int, threads: int, args: tuple) -> None:
+    def _launch(self, name: str, blocks: int, threads: int, args: tuple, shared_mem: int = 0) -> None:
         k = self.kernel(name)
         # Safety net: a compiler that gave a kernel more registers than the block sizes
         # above allow would make the launch fail; CuPy reports the kernel's limit. Every
@@ -208,7 +221,10 @@ class LaunchBackend:
             limit = self._limits[name] = getattr(k, "max_threads_per_block", 1024)
         if isinstance(limit, int) and 32 <= limit < threads:
             threads = limit // 32 * 32
-        k((int(blocks),), (int(threads),), args)
+        if shared_mem:
+            k((int(blocks),), (int(threads),), args, shared_mem=int(shared_mem))
+        else:
+            k((int(blocks),), (int(threads),), args)
 
     def _dummy(self, dtype):
         """A one-element array standing in for a pointer the kernel is told not to touch."""
@@ -353,17 +369,22 @@ class LaunchBackend:
                                              w_block=reduce.weight_block)
         else:
             denom = self._launch_denominator(den, w, dpart, scal)
-        loss_rows, z_rows, grad, args = self._xent_args(plan, x, y, y_bytes, t, w, cw, denom, part, out)
+        cache = row_cache_bytes(plan.classes, plan.inner, x.dtype.itemsize) if variant == "block" else 0
+        loss_rows, z_rows, grad, args = self._xent_args(plan, x, y, y_bytes, t, w, cw, denom, part, out, cache)
         if variant == "warp":
             self._launch(f"xent_warp_fwd_bwd_{sfx}", blocks, threads, args + (np.int32(group),))
+        elif variant == "block" and cache:
+            self._launch(f"xent_cached_fwd_bwd_{sfx}", blocks, threads, args, shared_mem=cache)
         elif variant == "block":
             self._launch(f"xent_fwd_bwd_{sfx}", blocks, threads, args)
         else:
             self._launch(f"xent_strided_fwd_bwd_{sfx}", blocks, threads, args)
         return self._xent_results(plan, out, loss_rows, z_rows, grad)
 
-    def _xent_args(self, plan: CrossEntropyPlan, x, y, y_bytes: int, t, w, cw, denom: tuple, part, out):
-        """(loss_rows, z_rows, grad, XENT_PARAMS): the one packing of kernels/xent.cu's arguments."""
+    def _xent_args(self, plan: CrossEntropyPlan, x, y, y_bytes: int, t, w, cw, denom: tuple, part, out,
+                   cache: int = 0):
+        """(loss_rows, z_rows, grad, XENT_PARAMS): the one packing of kernels/xent.cu's arguments;
+        ``cache``: the bytes of dynamic shared memory the launch gives each row (0: none)."""
         xp = self.xp
         dt = plan.dtypes
         A = dt.compute.type
@@ -380,7 +401,7 @@ class LaunchBackend:
                 np.int32(has_ignore), np.int64(plan.ignore_index if has_ignore else 0), A(plan.label_smoothing),
                 A(plan.z_loss), A(plan.softcap), *denom, loss_rows, z_rows, np.int32(plan.return_z_loss),
                 np.int32(not reduced), grad, np.int32(plan.return_grad), np.int32(reduced), part,
-                self._ticket(TICKET_LOSS), out)
+                self._ticket(TICKET_LOSS), out, np.int32(cache > 0))
         return loss_rows, z_rows, grad, args
 
     def _xent_results(self, plan: CrossEntropyPlan, out, loss_rows, z_rows, grad):

@@ -489,7 +489,12 @@ GPULOSS_EMU_EXPORT int gpuloss_emu_launch_ex(const char* name, unsigned gx, unsi
   if (shared_mem > 227ull * 1024)
     return fail(2, "shared_mem " + std::to_string(shared_mem) + " bytes exceeds the 227 KiB a block can have");
 
-  std::unique_ptr<std::byte[]> dyn;
+  // Allocated with the aligned operator new[], so freed with the aligned delete[]
+  // (a plain delete[] is a new-delete-type-mismatch under AddressSanitizer).
+  struct AlignedDelete {
+    void operator()(std::byte* p) const { ::operator delete[](p, std::align_val_t(16)); }
+  };
+  std::unique_ptr<std::byte[], AlignedDelete> dyn;
   if (shared_mem) dyn.reset(new (std::align_val_t(16)) std::byte[shared_mem]);
   g_dynamic_shared = dyn.get();
 
