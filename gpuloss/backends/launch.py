@@ -101,11 +101,6 @@ def grid_1d(n: int, items_per_thread: int = ITEMS_PER_THREAD) -> tuple[int, int]
     return blocks, threads
 
 
-def one_block(n: int) -> int:
-    """Threads of the single-block passes over n partials."""
-    return min(MAX_THREADS, max(32, _round_up(n, 32)))
-
-
 def xent_launch(rows: int, classes: int, inner: int, acc_itemsize: int = 4) -> tuple[str, int, int, int]:
     """(variant, blocks, threads, group) of the cross-entropy kernel for this shape.
 
@@ -116,6 +111,8 @@ def xent_launch(rows: int, classes: int, inner: int, acc_itemsize: int = 4) -> t
     loads in flight to cover latency). The split of a row over threads depends
     on C only, not on where the class axis is, so every layout sums the same way
     (a class axis not last once summed 262144 classes in one float32 thread).
+    ``split``: fewer than SPLIT_MAX_ROWS rows of more than WARP_MAX_CLASSES
+    classes, each row over ``group`` blocks of ``threads`` (see xent_split).
     """
     if inner != 1 and classes <= SOLO_MAX_CLASSES:
         blocks, threads = grid_1d(rows, 1)
