@@ -255,3 +255,35 @@ def test_launch_code_reads_nothing_back_from_the_device():
             if isinstance(arg, ast.Subscript) or (isinstance(arg, ast.Name) and arg.id in ("scal", "out", "w")):
                 bad.append(f"line {node.lineno}: {node.func.id}() of an array")
     assert not bad, bad
+
+
+def test_each_stream_has_its_own_ticket_counters():
+    """On CuPy the counters are keyed by (device, stream): two streams may run kernels at once and
+    must not draw tickets from one counter; the per-thread default stream is one stream per thread."""
+    import threading
+    import types
+
+    current = {"stream": 7, "device": 0}
+    cuda = types.SimpleNamespace(
+        get_current_stream=lambda: types.SimpleNamespace(ptr=current["stream"]),
+        runtime=types.SimpleNamespace(getDevice=lambda: current["device"]))
+    fake_xp = types.SimpleNamespace(cuda=cuda, zeros=np.zeros, __name__="fakecupy")
+    be = launch.LaunchBackend("fake", fake_xp, loader=lambda: None)
+
+    def counters():
+        return be._ticket(launch.TICKET_LOSS).base
+
+    a = counters()
+    assert counters() is a and a.dtype == np.uint32 and not a.any()  # allocated once, zeroed once
+    current["stream"] = 8
+    b = counters()
+    assert b is not a
+    current["device"] = 1
+    assert counters() is not b
+    current.update(stream=2, device=0)  # cudaStreamPerThread: a different stream in every host thread
+    mine = counters()
+    other = []
+    t = threading.Thread(target=lambda: other.append(counters()))
+    t.start()
+    t.join()
+    assert other[0] is not mine and counters() is mine
