@@ -102,3 +102,40 @@ def test_16bit_cross_entropy_allocates_little_more_than_its_gradient(name, rng):
     # The gradient (x.nbytes) plus per-thread scratch and per-row vectors; a float32 copy of the
     # logits alone would add 2 * x.nbytes.
     assert peak < x.nbytes + 2 * 2**20, f"peak {peak / 2**20:.1f} MiB for a {x.nbytes / 2**20:.1f} MiB input"
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("loss", ["sigmoid_cross_entropy", "huber", "log_loss"])
+def test_16bit_element_losses_read_their_bits_and_equal_the_float32_call(name, loss, rng):
+    import gpuloss as gl
+    dt = HALVES[name]
+    shape = (37, 1013)                                   # not a multiple of the kernels' chunk
+    x = rng.uniform(0.01, 0.99, shape) if loss == "log_loss" else rng.standard_normal(shape) * 3
+    x = x.astype(dt)
+    t = (rng.random(shape) < 0.5).astype(np.float32)     # a float32 target beside 16-bit input
+    w = rng.random((37, 1)).astype(np.float32)
+    for target in (t, t.astype(dt)):
+        for reduction in ("none", "mean"):
+            out, grad = getattr(gl, loss)(x, target, weight=w, reduction=reduction, return_grad=True)
+            out32, grad32 = getattr(gl, loss)(x.astype(np.float32), target.astype(np.float32), weight=w,
+                                              reduction=reduction, return_grad=True)
+            assert grad.dtype == dt
+            np.testing.assert_array_equal(out, out32)
+            np.testing.assert_array_equal(grad.astype(np.float32), grad32.astype(dt).astype(np.float32))
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_16bit_element_losses_allocate_only_their_gradient(name, rng):
+    import tracemalloc
+
+    import gpuloss as gl
+    x = rng.standard_normal((256, 8192)).astype(HALVES[name])
+    t = rng.standard_normal((256, 8192)).astype(HALVES[name])
+    gl.huber(x, t, return_grad=True)
+    tracemalloc.start()
+    try:
+        gl.huber(x, t, return_grad=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes + 2**20, f"peak {peak / 2**20:.1f} MiB for a {x.nbytes / 2**20:.1f} MiB input"

@@ -9,6 +9,7 @@ float64 (at least the float32 docs/api.md §3.1 asks for).
 """
 from __future__ import annotations
 
+import functools
 import math
 import types
 
@@ -67,6 +68,53 @@ class _KernelPair:
 def parallel_kernel(**options):
     """Decorator: a _KernelPair of the function, compiled with Numba ``options``."""
     return lambda py_func: _KernelPair(py_func, options)
+
+
+# How the float32 kernels get their data: float32 as stored, or 16-bit bit patterns (uint16 views of
+# float16 / bfloat16) decoded chunk by chunk into float32 scratch, and the gradient encoded back, so
+# a 16-bit call needs no float32 copy of its input and none of its gradient.
+STORE_F32, STORE_F16, STORE_BF16 = 0, 1, 2
+# Float32 elements of scratch per thread for 16-bit rows (as many again for their gradient): 128 KiB,
+# in L2; at least one row.
+HALF_CHUNK_ELEMENTS = 1 << 15
+
+
+@njit(inline="always")
+def _decode_half(h, store):
+    """float32 value of the 16-bit pattern h (exact): float16 rebiased, bfloat16 by a shift."""
+    bits = f32_bits_from_f16(h) if store == STORE_F16 else np.uint32(h) << np.uint32(16)
+    return int32_bits_to_float32(np.int32(bits))
+
+
+@njit(inline="always")
+def _encode_half(v, store):
+    """16-bit pattern of float32 v, rounded to nearest even as NumPy / ml_dtypes cast."""
+    bits = np.uint32(float32_to_int32_bits(v))
+    return f16_bits_from_f32(bits) if store == STORE_F16 else bf16_bits_from_f32(bits)
+
+
+@njit(cache=True)
+def _decode_span(src, store, dst):
+    for i in range(src.size):
+        dst[i] = _decode_half(src[i], store)
+
+
+@njit(cache=True)
+def _encode_span(src, store, dst):
+    for i in range(src.size):
+        dst[i] = _encode_half(src[i], store)
+
+
+@njit(cache=True)
+def _decode_rows(src, r0, nr, store, dst):
+    for r in range(nr):
+        _decode_span(src[r0 + r], store, dst[r])
+
+
+@njit(cache=True)
+def _encode_rows(src, nr, store, dst, r0):
+    for r in range(nr):
+        _encode_span(src[r], store, dst[r0 + r])
 
 
 @njit(inline="always")
@@ -137,22 +185,24 @@ SIGMOID = ELEMENTWISE_KIND["sigmoid_cross_entropy"]
 _FAST_KINDS = {SIGMOID, ELEMENTWISE_KIND["log_loss"]}
 
 
-def _make_elementwise_kernel(name: str, kind: int, fast: bool):
-    """The element-wise kernel specialised for one loss (and, with ``fast``, for float32).
+def _make_elementwise_kernel(name: str, kind: int, fast: bool, x_store: int, t_store: int):
+    """The element-wise kernel specialised for one loss (and, with ``fast``, for float32), reading x and
+    t stored as ``x_store`` / ``t_store`` (STORE_*: the compute dtype itself, or 16-bit bits decoded
+    per chunk; a 16-bit x also gets its gradient encoded back).
 
-    ``kind`` and ``fast`` are closure constants, so the branches of
-    _elementwise_loss fold away and each loss gets its own vectorised loop from
-    this one source; the distinct ``__qualname__`` keeps Numba's on-disk cache
-    entries apart.
+    All five are closure constants, so the branches of _elementwise_loss fold
+    away and each case gets its own vectorised loop from this one source; the
+    distinct ``__qualname__`` keeps Numba's on-disk cache entries apart.
     """
 
     @njit(inline="always")
-    def block(x, t, j0, j1, w, g, pos_weight, pw_period, param, one, zero, has_pos_weight, want_loss, want_grad,
-              loss_out, grad_out):
-        """Elements [j0, j1) of one weight segment; returns their float32 sum of w l."""
+    def block(x, t, j0, j1, base, w, g, pos_weight, pw_period, param, one, zero, has_pos_weight, want_loss,
+              want_grad, loss_out, grad_out):
+        """Elements [j0, j1) of one weight segment of a chunk starting at element ``base``; returns their
+        float32 sum of w l."""
         block_sum = zero
         for j in range(j0, j1):
-            p = pos_weight[j % pw_period] if has_pos_weight else one
+            p = pos_weight[(base + j) % pw_period] if has_pos_weight else one
             l, dl = _elementwise_loss(kind, fast, x[j], t[j], param, p, one, zero)
             wl = w * l
             block_sum += wl
@@ -170,32 +220,50 @@ def _make_elementwise_kernel(name: str, kind: int, fast: bool):
         zero = param - param  # 0 and 1 in the compute dtype (param is finite)
         one = zero + np.float32(1)
         for c in prange(partials.size):
-            hi = min(n, c * CHUNK + CHUNK)
+            lo = c * CHUNK
+            hi = min(n, lo + CHUNK)
+            # xc, tc, gc, lc: this chunk's elements, indexed from 0 (views, or float32 scratch for 16 bits)
+            if x_store == STORE_F32:
+                xc = x[lo:hi]
+                gc = grad_out[lo:hi] if want_grad else grad_out
+            else:
+                xc = np.empty(hi - lo, np.float32)
+                _decode_span(x[lo:hi], x_store, xc)
+                gc = np.empty(hi - lo if want_grad else 0, np.float32)
+            if t_store == STORE_F32:
+                tc = t[lo:hi]
+            else:
+                tc = np.empty(hi - lo, np.float32)
+                _decode_span(t[lo:hi], t_store, tc)
+            lc = loss_out[lo:hi] if want_loss else loss_out
             acc = 0.0
-            i = c * CHUNK
+            i = lo
             while i < hi:  # one weight segment at a time: no division per element
                 b = i // w_block
                 w = w_values[b]
                 g = grad_scale * w
                 seg_hi = min(hi, (b + 1) * w_block)
-                for j0 in range(i, seg_hi, SUM_BLOCK):  # vector-lane partial sums, added into float64
-                    j1 = min(seg_hi, j0 + SUM_BLOCK)
+                for j0 in range(i - lo, seg_hi - lo, SUM_BLOCK):  # vector-lane partial sums, added into float64
+                    j1 = min(seg_hi - lo, j0 + SUM_BLOCK)
                     # want_loss and the pos_weight switch as literals in each copy: with a second
                     # conditional store, or a conditional load, in the loop LLVM gave up on
                     # vectorising the sigmoid and log losses (measured 4-7x slower).
                     if kind == SIGMOID and pw_period > 0:
-                        acc += block(x, t, j0, j1, w, g, pos_weight, pw_period, param, one, zero, True, want_loss,
-                                     want_grad, loss_out, grad_out)
+                        acc += block(xc, tc, j0, j1, lo, w, g, pos_weight, pw_period, param, one, zero, True,
+                                     want_loss, want_grad, lc, gc)
                     elif want_loss:
-                        acc += block(x, t, j0, j1, w, g, pos_weight, pw_period, param, one, zero, False, True,
-                                     want_grad, loss_out, grad_out)
+                        acc += block(xc, tc, j0, j1, lo, w, g, pos_weight, pw_period, param, one, zero, False, True,
+                                     want_grad, lc, gc)
                     else:
-                        acc += block(x, t, j0, j1, w, g, pos_weight, pw_period, param, one, zero, False, False,
-                                     want_grad, loss_out, grad_out)
+                        acc += block(xc, tc, j0, j1, lo, w, g, pos_weight, pw_period, param, one, zero, False,
+                                     False, want_grad, lc, gc)
                 i = seg_hi
+            if x_store != STORE_F32 and want_grad:
+                _encode_span(gc, x_store, grad_out[lo:hi])
             partials[c] = acc
 
-    kernel.__name__ = kernel.__qualname__ = f"_elementwise_kernel_{name}{'_f32' if fast else ''}"
+    kernel.__name__ = kernel.__qualname__ = \
+        f"_elementwise_kernel_{name}{'_f32' if fast else ''}_x{x_store}_t{t_store}"
     return parallel_kernel(fastmath=_VEC)(kernel)
 
 
@@ -448,43 +516,6 @@ def _xent_f32_row(x, n, out_n, yn, w, class_weight, has_class_weight, cw_sum, ep
                          has_class_weight)
         # a (p_y - 1) = -a rest / s: no cancellation when p_y is close to 1.
         grad_out[n, yn] = -a * rest / s + (b * cw_sum + zc) * (e_y / s) - b * cw_y
-
-
-# How the float32 kernels get their rows: float32 as stored, or 16-bit bit patterns (uint16 views of
-# float16 / bfloat16) decoded into per-thread float32 scratch, and the gradient encoded back, so a
-# 16-bit call needs no float32 copy of its input and none of its gradient.
-STORE_F32, STORE_F16, STORE_BF16 = 0, 1, 2
-# Float32 elements of scratch per thread for 16-bit rows (as many again for their gradient): 128 KiB,
-# in L2; at least one row.
-HALF_CHUNK_ELEMENTS = 1 << 15
-
-
-@njit(inline="always")
-def _decode_half(h, store):
-    """float32 value of the 16-bit pattern h (exact): float16 rebiased, bfloat16 by a shift."""
-    bits = f32_bits_from_f16(h) if store == STORE_F16 else np.uint32(h) << np.uint32(16)
-    return int32_bits_to_float32(np.int32(bits))
-
-
-@njit(inline="always")
-def _encode_half(v, store):
-    """16-bit pattern of float32 v, rounded to nearest even as NumPy / ml_dtypes cast."""
-    bits = np.uint32(float32_to_int32_bits(v))
-    return f16_bits_from_f32(bits) if store == STORE_F16 else bf16_bits_from_f32(bits)
-
-
-@njit(cache=True)
-def _decode_rows(src, r0, nr, store, dst):
-    for r in range(nr):
-        for c in range(src.shape[1]):
-            dst[r, c] = _decode_half(src[r0 + r, c], store)
-
-
-@njit(cache=True)
-def _encode_rows(src, nr, store, dst, r0):
-    for r in range(nr):
-        for c in range(src.shape[1]):
-            dst[r0 + r, c] = _encode_half(src[r, c], store)
 
 
 def _make_xent_index_kernel_f32(store: int):
@@ -797,13 +828,23 @@ def _cosine_kernel(p, t, w_row, grad_scale, want_grad, loss_out, grad_out):
 _XENT_F32 = {store: _make_xent_index_kernel_f32(store) for store in (STORE_F32, STORE_F16, STORE_BF16)}
 _XENT_LANES = {store: _make_xent_index_kernel_lanes(store) for store in (STORE_F32, STORE_F16, STORE_BF16)}
 _HALF_STORE = {"float16": STORE_F16, "bfloat16": STORE_BF16}
-_ELEMENTWISE_KERNELS = {(name, fast): _make_elementwise_kernel(name, kind, fast)
-                        for name, kind in ELEMENTWISE_KIND.items()
-                        for fast in ((False, True) if kind in _FAST_KINDS else (False,))}
+@functools.cache
+def _elementwise_kernel(name: str, fast: bool, x_store: int, t_store: int):
+    """The kernel of one (loss, fast, storages) case, made on first use."""
+    return _make_elementwise_kernel(name, ELEMENTWISE_KIND[name], fast, x_store, t_store)
 
 
 def _scalar(value, dtype):
     return np.dtype(dtype).type(value)
+
+
+def _flat_operand(a, dt):
+    """(flat C-contiguous data, STORE_*) of an element-wise operand: 16-bit data as its bits when the
+    kernels compute in float32 (decoded per chunk, no float32 copy), anything else in the compute dtype."""
+    store = _HALF_STORE.get(a.dtype.name, STORE_F32) if dt.compute == np.float32 else STORE_F32
+    if store != STORE_F32:
+        return np.ascontiguousarray(a).reshape(-1).view(np.uint16), store
+    return host.astype(a.reshape(-1), dt.compute), STORE_F32
 
 
 def _half_scratch(store: int, rows: int, classes: int):
@@ -876,36 +917,41 @@ class CpuBackend:
 
     def elementwise(self, plan: ElementwisePlan, pred, target, w_values, pos_weight):
         dt = plan.dtypes
-        x = host.astype(pred.reshape(-1), dt.compute)
-        t = host.astype(target.reshape(-1), dt.compute)
+        x, x_store = _flat_operand(pred, dt)
+        t, t_store = _flat_operand(target, dt)
         pw = np.ones(1, dt.compute) if pos_weight is None else pos_weight
-        return self._run_elementwise(plan.loss, plan.reduce, dt, x, t, w_values, pw, plan.pos_weight_period,
-                                     plan.param, plan.return_grad, pred.shape)
+        return self._run_elementwise(plan.loss, plan.reduce, dt, x, x_store, t, t_store, w_values, pw,
+                                     plan.pos_weight_period, plan.param, plan.return_grad, pred.shape)
 
     def weighted_reduce(self, plan: WeightedReducePlan, values, w_values):
         dt = plan.dtypes
-        x = host.astype(values.reshape(-1), dt.compute)
-        loss, _ = self._run_elementwise("identity", plan.reduce, dt, x, x, w_values, np.ones(1, dt.compute), 0,
-                                        0.0, False, values.shape)
+        x, x_store = _flat_operand(values, dt)
+        loss, _ = self._run_elementwise("identity", plan.reduce, dt, x, x_store, x, x_store, w_values,
+                                        np.ones(1, dt.compute), 0, 0.0, False, values.shape)
         return loss
 
-    def _run_elementwise(self, kind, reduce, dt, x, t, w_values, pw, pw_period, param, return_grad, shape):
+    def _run_elementwise(self, kind, reduce, dt, x, x_store, t, t_store, w_values, pw, pw_period, param,
+                         return_grad, shape):
         size = x.size
         want_loss = reduce.reduction == "none"
         denom = host.denominator(reduce, w_values=w_values)
         scale = float(host.inverse(denom))
         loss_out = np.empty(size if want_loss else 0, dt.compute)
-        grad = np.empty(size if return_grad else 0, dt.compute)
+        grad = np.empty(size if return_grad else 0, dt.compute if x_store == STORE_F32 else np.uint16)
         partials = np.empty(math.ceil(size / CHUNK), np.float64)
-        fast = dt.compute == np.float32 and (kind, True) in _ELEMENTWISE_KERNELS
-        _ELEMENTWISE_KERNELS[kind, fast](size, x, t, w_values, reduce.weight_block, pw, pw_period,
-                            _scalar(param, dt.compute), _scalar(scale, dt.compute), want_loss, return_grad,
-                            loss_out, grad, partials)
+        fast = dt.compute == np.float32 and ELEMENTWISE_KIND[kind] in _FAST_KINDS
+        _elementwise_kernel(kind, fast, x_store, t_store)(
+            size, x, t, w_values, reduce.weight_block, pw, pw_period, _scalar(param, dt.compute),
+            _scalar(scale, dt.compute), want_loss, return_grad, loss_out, grad, partials)
         if want_loss:
             loss = loss_out.reshape(reduce.loss_shape).astype(dt.loss, copy=False)
         else:
             loss = host.reduced(np.sum(partials), denom, dt)
-        return loss, (host.astype(grad.reshape(shape), dt.input) if return_grad else None)
+        if not return_grad:
+            return loss, None
+        if x_store != STORE_F32:
+            return loss, grad.view(dt.input).reshape(shape)
+        return loss, host.astype(grad.reshape(shape), dt.input)
 
     def cosine_distance(self, plan: CosinePlan, pred, target, w_values):
         dt = plan.dtypes
