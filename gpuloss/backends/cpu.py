@@ -185,6 +185,25 @@ SIGMOID = ELEMENTWISE_KIND["sigmoid_cross_entropy"]
 _FAST_KINDS = {SIGMOID, ELEMENTWISE_KIND["log_loss"]}
 
 
+@njit(inline="always")
+def _elementwise_block(kind, fast, x, t, j0, j1, base, w, g, pos_weight, pw_period, param, one, zero,
+                       has_pos_weight, want_loss, want_grad, loss_out, grad_out):
+    """Elements [j0, j1) of one weight segment of a chunk starting at element ``base``; returns their
+    float32 sum of w l.  Module-level, not a closure of the kernel: a jitted function among a
+    kernel's closure variables keys Numba's disk cache by a per-process id (recompiled every run)."""
+    block_sum = zero
+    for j in range(j0, j1):
+        p = pos_weight[(base + j) % pw_period] if has_pos_weight else one
+        l, dl = _elementwise_loss(kind, fast, x[j], t[j], param, p, one, zero)
+        wl = w * l
+        block_sum += wl
+        if want_loss:
+            loss_out[j] = wl
+        if want_grad:
+            grad_out[j] = g * dl
+    return block_sum
+
+
 def _make_elementwise_kernel(name: str, kind: int, fast: bool, x_store: int, t_store: int):
     """The element-wise kernel specialised for one loss (and, with ``fast``, for float32), reading x and
     t stored as ``x_store`` / ``t_store`` (STORE_*: the compute dtype itself, or 16-bit bits decoded
@@ -194,23 +213,6 @@ def _make_elementwise_kernel(name: str, kind: int, fast: bool, x_store: int, t_s
     away and each case gets its own vectorised loop from this one source; the
     distinct ``__qualname__`` keeps Numba's on-disk cache entries apart.
     """
-
-    @njit(inline="always")
-    def block(x, t, j0, j1, base, w, g, pos_weight, pw_period, param, one, zero, has_pos_weight, want_loss,
-              want_grad, loss_out, grad_out):
-        """Elements [j0, j1) of one weight segment of a chunk starting at element ``base``; returns their
-        float32 sum of w l."""
-        block_sum = zero
-        for j in range(j0, j1):
-            p = pos_weight[(base + j) % pw_period] if has_pos_weight else one
-            l, dl = _elementwise_loss(kind, fast, x[j], t[j], param, p, one, zero)
-            wl = w * l
-            block_sum += wl
-            if want_loss:
-                loss_out[j] = wl
-            if want_grad:
-                grad_out[j] = g * dl
-        return block_sum
 
     def kernel(x, t, w_values, w_block, pos_weight, pw_period, param, grad_scale, want_loss, want_grad,
                loss_out, grad_out, partials):
@@ -249,14 +251,14 @@ def _make_elementwise_kernel(name: str, kind: int, fast: bool, x_store: int, t_s
                     # conditional store, or a conditional load, in the loop LLVM gave up on
                     # vectorising the sigmoid and log losses (measured 4-7x slower).
                     if kind == SIGMOID and pw_period > 0:
-                        acc += block(xc, tc, j0, j1, lo, w, g, pos_weight, pw_period, param, one, zero, True,
-                                     want_loss, want_grad, lc, gc)
+                        acc += _elementwise_block(kind, fast, xc, tc, j0, j1, lo, w, g, pos_weight, pw_period,
+                                                  param, one, zero, True, want_loss, want_grad, lc, gc)
                     elif want_loss:
-                        acc += block(xc, tc, j0, j1, lo, w, g, pos_weight, pw_period, param, one, zero, False, True,
-                                     want_grad, lc, gc)
+                        acc += _elementwise_block(kind, fast, xc, tc, j0, j1, lo, w, g, pos_weight, pw_period,
+                                                  param, one, zero, False, True, want_grad, lc, gc)
                     else:
-                        acc += block(xc, tc, j0, j1, lo, w, g, pos_weight, pw_period, param, one, zero, False,
-                                     False, want_grad, lc, gc)
+                        acc += _elementwise_block(kind, fast, xc, tc, j0, j1, lo, w, g, pos_weight, pw_period,
+                                                  param, one, zero, False, False, want_grad, lc, gc)
                 i = seg_hi
             if x_store != STORE_F32 and want_grad:
                 _encode_span(gc, x_store, grad_out[lo:hi])
