@@ -393,6 +393,9 @@ _DRIVER = r"""
 struct StubDim3 { unsigned x, y, z; };
 static StubDim3 threadIdx, blockIdx, blockDim, gridDim;
 static inline void __syncthreads() {}
+static inline void __threadfence() {}
+#define __shared__ static
+static inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned old = *p; *p += v; return old; }
 template <class T> T __shfl_xor_sync(unsigned, T v, int, int = 32) { return v; }
 #include "common.cuh"
 
