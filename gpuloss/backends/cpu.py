@@ -578,10 +578,11 @@ LANES_MAX_CLASSES = 32
 
 
 @njit(inline="always")
-def _lanes_transpose_in(x, r0, nr, classes, xt):
+def _lanes_transpose_in(x, nr, xt):
+    """xt[c, r] = x[r, c] for the first nr rows."""
     for r in range(nr):
-        for c in range(classes):
-            xt[c, r] = x[r0 + r, c]
+        for c in range(x.shape[1]):
+            xt[c, r] = x[r, c]
 
 
 # The sweeps of the rows-as-lanes kernel, each a loop over rows touching at most three arrays:
@@ -702,8 +703,6 @@ def _make_xent_index_kernel_lanes(store: int):
         for c in range(classes):
             cw_sum += class_weight[c]
         smooth_coef = eps / np.float32(classes)
-        one = np.float32(1.0)
-        two = np.float32(2.0)
         for blk in prange((rows + LANE_ROWS - 1) // LANE_ROWS):
             r0 = blk * LANE_ROWS
             nr = min(LANE_ROWS, rows - r0)
@@ -734,16 +733,16 @@ def _make_xent_index_kernel_lanes(store: int):
             for r in range(nr):
                 yr = y[r0 + r]
                 yb[r] = yr
-                x_y[r] = xf[r, min(max(yr, 0), classes - 1)]  # clamped: an invalid row is redone below
-            _lanes_transpose_in(xf, 0, nr, classes, xt)
+                yc = min(max(yr, 0), classes - 1)  # clamped: an invalid row is redone below
+                x_y[r] = xf[r, yc]
+                cw_y[r] = class_weight[yc]
+                w_b[r] = w_row[r0 + r]
+            _lanes_transpose_in(xf, nr, xt)
             _lanes_max(xt, nr, m)
             if eps != F32_ZERO:
                 _lanes_gap(xt, nr, class_weight, m, gap)
             _lanes_exp(xt, nr, m, s)
             _lanes_rest(xt, nr, yb, rest)
-            for r in range(nr):
-                cw_y[r] = class_weight[min(max(yb[r], 0), classes - 1)]
-                w_b[r] = w_row[r0 + r]
             _lanes_log(s, nr, log_s)
             _lanes_nll(x_y, m, rest, log_s, nr, nll)
             _lanes_loss(nll, log_s, gap, m, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, loss_b, z_b)
@@ -756,7 +755,6 @@ def _make_xent_index_kernel_lanes(store: int):
                 _lanes_grad_coef(s, m, log_s, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale, coef)
                 _lanes_grad_y(rest, s, x_y, m, log_s, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale,
                               grad_y)
-            if want_grad:
                 # b = grad_scale * w_r * eps / C depends on the row only through w_r: a row-wise weight is
                 # folded into coef for the p-term, and the -b cw_c term below takes w from each row.
                 for r in range(nr):
