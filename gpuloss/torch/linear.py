@@ -113,9 +113,12 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (ignore_index, label_smoothing, reduction, z_loss, softcap, chunk_bytes)
     ctx.has_bias = linear_bias is not None
     ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
+    ctx.set_materialize_grads(False)  # no input- and weight-sized zeros for the unused gradient outputs
 
 
 def _backward(ctx, g_loss, g_z, g_din, g_dw, g_db):
+    if g_loss is None:
+        return (None,) * 12
     d_in, d_w, d_b, input, linear_weight, target, linear_bias, weight = ctx.saved_tensors
     ignore_index, label_smoothing, reduction, z_loss, softcap, chunk_bytes = ctx.options
     if reduction == "none" and not bool((g_loss == 1).all()):
