@@ -6,6 +6,7 @@ here copies or modifies an input array.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import numbers
 
@@ -212,6 +213,27 @@ def array_module(named_arrays: dict, backend: str | None):
     return get_backend(backend)
 
 
+def constant(xp, value: float, dtype):
+    """A 1-element array of ``value`` that kernels only read (an absent or scalar weight).
+
+    On a device (an array module with ``cuda``: CuPy) one array is kept per device, dtype
+    and value, so that after the first call a loss with ``weight=None`` launches no fill
+    kernel of CuPy's (docs/design.md §4) and can be captured in a CUDA graph.  On the host
+    a fresh NumPy array costs nothing worth keeping.
+    """
+    cuda = getattr(xp, "cuda", None)
+    if cuda is None:
+        return xp.full(1, value, dtype=dtype)
+    # float.hex tells -0.0 from 0.0, and equals itself for NaN (a NaN key would never hit).
+    return _device_constant(xp, cuda.Device().id, np.dtype(dtype).str, value.hex())
+
+
+@functools.lru_cache(maxsize=64)
+def _device_constant(xp, device: int, dtype: str, value_hex: str):
+    with xp.cuda.Device(device):
+        return xp.full(1, float.fromhex(value_hex), dtype=dtype)
+
+
 def weight_layout(name: str, weight, loss_shape: tuple, xp, dtype, hint: str = ""):
     """Express ``weight`` against the loss as ``(values, block)``: element ``i`` of the
     flattened loss has weight ``values[i // block]`` (docs/api.md §2.3.1).
@@ -223,15 +245,15 @@ def weight_layout(name: str, weight, loss_shape: tuple, xp, dtype, hint: str = "
     """
     size = math.prod(loss_shape)
     if weight is None:
-        return xp.ones(1, dtype=dtype), max(size, 1)
+        return constant(xp, 1.0, dtype), max(size, 1)
     if isinstance(weight, numbers.Real) and not isinstance(weight, bool):
-        return xp.full(1, float(weight), dtype=dtype), max(size, 1)
+        return constant(xp, float(weight), dtype), max(size, 1)
     if not is_array(weight):
         raise TypeError(f"{name} must be None, a real number or an array; got {_kind(weight)}")
     check_real_dtype(name, weight)
     wshape = tuple(weight.shape)
     if wshape == ():
-        return weight.reshape(1).astype(dtype), max(size, 1)
+        return weight.reshape(1).astype(dtype, copy=False), max(size, 1)
     # Strip trailing size-1 dims of a same-rank weight: (N, 1) against (N, d) is per-sample.
     core = wshape
     if len(core) == len(loss_shape):

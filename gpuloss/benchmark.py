@@ -59,6 +59,7 @@ class Report:
     threads: int
     copy_gbps: float
     versions: dict
+    fresh_copy_gbps: float | None = None  # the copy into a newly allocated array each time
     rows: list = field(default_factory=list)
     # The fused linear + cross entropy case (gpuloss.bench_linear.LinearRow: time and peak memory), with --linear.
     linear_rows: list = field(default_factory=list)
@@ -141,12 +142,14 @@ def _streaming_kernels():
     return _STREAMING["floor"], _STREAMING["copy"]
 
 
-def copy_bandwidth_gbps(nbytes: int = 1 << 28, repeats: int = 5) -> float:
-    """Read + write GB/s of a parallel copy of ``nbytes`` (the machine's streaming limit)."""
+def copy_bandwidth_gbps(nbytes: int = 1 << 28, repeats: int = 5, fresh: bool = False) -> float:
+    """Read + write GB/s of a parallel copy of ``nbytes`` (the machine's streaming limit); with
+    ``fresh``, into a newly allocated array each time, as a loss returning a gradient must write:
+    the operating system zeroes every new page on first touch."""
     _, copy = _streaming_kernels()
     x = np.ones((max(nbytes // 4 // 4096, 1), 4096), np.float32)
     out = np.empty_like(x)
-    ms = median_ms(lambda: copy(x, out), repeats)
+    ms = median_ms((lambda: copy(x, np.empty_like(x))) if fresh else (lambda: copy(x, out)), repeats)
     return 2 * x.nbytes / (ms * 1e-3) / 1e9
 
 
@@ -182,6 +185,10 @@ def bench_cross_entropy(shape, dtype, repeats, torch, backend, forward_only=Fals
         partial = np.empty(rows)
         row.floor_ms = median_ms(lambda: floor_kernel(xs, out, partial), repeats)
         row.vs_floor = ms / row.floor_ms
+        # The call returns a new gradient: the same floor writing into a new array each time.
+        fresh_ms = median_ms(lambda: floor_kernel(xs, np.empty_like(xs), partial), repeats)
+        row.notes = f"floor into a new array each call (page zeroing included): {fresh_ms:.2f} ms, " \
+                    f"{ms / fresh_ms:.2f}x that"
     if torch is not None:
         # bfloat16 has no NumPy dtype in torch: the same bits through int16
         xt = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if x.dtype.name == "bfloat16" \
@@ -269,6 +276,7 @@ def run_suite(quick: bool = False, backend: str = "cpu", repeats: int | None = N
                 "torch": getattr(torch, "__version__", None), "python": platform.python_version()}
     report = Report(machine=machine_name(), date=now.date().isoformat(), command=command,
                     backend=backend, threads=threads, copy_gbps=copy_bandwidth_gbps(), versions=versions,
+                    fresh_copy_gbps=copy_bandwidth_gbps(fresh=True),
                     mode="quick" if quick else "full", timestamp=now.strftime("%Y%m%d-%H%M%S"))
     if backend == "cpu":
         report.first_call_cold_s, report.first_call_warm_s = first_call_seconds()
@@ -287,7 +295,7 @@ def run_suite(quick: bool = False, backend: str = "cpu", repeats: int | None = N
             import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
             row = bench_cross_entropy(what, np.dtype(fwd), repeats, torch, backend)
             f32 = next(r for r in report.rows if r.case == row.case and r.shape == row.shape and r.dtype == "float32")
-            row.notes = f"{row.gpuloss_ms / f32.gpuloss_ms:.2f}x the float32 time of the same shape"
+            row.notes = f"{row.gpuloss_ms / f32.gpuloss_ms:.2f}x the float32 time of the same shape; {row.notes}"
             report.rows.append(row)
         else:
             report.rows.append(bench_elementwise(what, size, repeats, torch, backend))
@@ -309,7 +317,9 @@ def _fmt(v, spec=".1f", none="—"):
 def markdown(report: Report) -> str:
     lines = [f"{report.mode.capitalize()} run. Machine: {report.machine}; {report.threads} threads (torch set to the same); backend "
              f"`{report.backend}`; date {report.date}; command `{report.command.strip()}`; parallel copy "
-             f"bandwidth {report.copy_gbps:.1f} GB/s (read+write)." + (
+             f"bandwidth {report.copy_gbps:.1f} GB/s (read+write)" + (
+                 "" if report.fresh_copy_gbps is None else
+                 f", {report.fresh_copy_gbps:.1f} GB/s into a newly allocated array") + "." + (
                  "" if report.first_call_cold_s is None else
                  f" A new process's import + first calls: {report.first_call_cold_s:.1f} s with an empty Numba "
                  f"cache (compiling), {report.first_call_warm_s:.1f} s with it warm."), "",

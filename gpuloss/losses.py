@@ -172,7 +172,7 @@ def _pos_weight_layout(pos_weight, shape: tuple, xp, dtype):
     """``(values, period)``: element i uses values[i % period].  PyTorch broadcasts pos_weight
     against the target; the usual form is one value per class of the last axis."""
     if isinstance(pos_weight, numbers.Real) and not isinstance(pos_weight, bool):
-        return xp.full(1, float(pos_weight), dtype), 1
+        return v.constant(xp, float(pos_weight), dtype), 1
     pw = _aux_array("pos_weight", pos_weight, xp, dtype)
     try:
         fits = np.broadcast_shapes(tuple(pw.shape), shape) == shape

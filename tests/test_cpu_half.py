@@ -50,6 +50,43 @@ def test_narrowing_rounds_to_nearest_even_like_numpy(name, rng):
         _same(cpu_half.cast(x, dt), x.astype(dt))
 
 
+def _float16_implementations():
+    """cpu_half's float16 conversions: the bit arithmetic always, the F16C / AArch64 instructions
+    where this machine has them (elsewhere that case is skipped, with its reason)."""
+    hw = pytest.mark.skipif(not cpu_half.HARDWARE_HALF, reason="no half-precision conversion instructions here")
+    return [pytest.param(cpu_half._f32_from_f16_bits, cpu_half._f16_bits_from_f32_bits, id="bits"),
+            pytest.param(cpu_half._f32_from_f16_hw, cpu_half._f16_bits_from_f32_hw, id="instructions", marks=hw)]
+
+
+@pytest.mark.parametrize("widen, narrow", _float16_implementations())
+def test_both_float16_implementations_match_numpy(widen, narrow, rng):
+    from numba import njit
+
+    @njit
+    def widen_all(h, out):
+        for i in range(h.size):
+            out[i] = widen(h[i])
+
+    @njit
+    def narrow_all(x, out):
+        for i in range(x.size):
+            out[i] = narrow(x[i])
+
+    h = np.arange(65536, dtype=np.uint16)
+    wide = np.empty(h.size, np.float32)
+    widen_all(h, wide)
+    _same(wide, h.view(np.float16).astype(np.float32))
+    exact = np.unique(wide[np.isfinite(wide)].astype(np.float64))  # sorted: neighbours side by side
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = np.concatenate([rng.integers(0, 2**32, 300_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+                            (exact[:-1] + np.diff(exact) / 2).astype(np.float32),  # the ties: to the even one
+                            np.float32([65504, 65519.996, 65520, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 1e-45, -0.0,
+                                        np.inf, -np.inf, np.nan, -np.nan])])
+        narrow_bits = np.empty(x.size, np.uint16)
+        narrow_all(x, narrow_bits)
+        _same(narrow_bits.view(np.float16), x.astype(np.float16))
+
+
 @pytest.mark.parametrize("name", HALVES)
 def test_shapes_layouts_and_no_aliasing(name, rng):
     x = rng.standard_normal((3, 70000)).astype(np.float32)[:, ::2]   # a non-contiguous view

@@ -174,3 +174,22 @@ def test_float32_element_losses_keep_per_element_relative_accuracy(name, rng):
     rel = np.abs(loss[keep] - ref_loss[keep]) / ref_loss[keep]
     assert rel.max() < 1e-6, f"{name}: max relative error {rel.max():.3g}"
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-6, atol=1e-37)
+
+
+def test_cached_cpu_kernels_are_fresh_over_every_cpu_source(tmp_path):
+    # A kernel in cpu.py inlines cpu_math / cpu_half code: Numba's own stamp (the defining file) kept an
+    # old build after an edit of cpu_math.py alone.  The stamp covers every backends/cpu*.py.
+    from gpuloss.backends import _numba_cache as nc
+    from gpuloss.backends import cpu, cpu_half, cpu_vocab
+
+    assert {p.name for p in nc.kernel_sources()} >= {"cpu.py", "cpu_math.py", "cpu_half.py", "cpu_vocab.py"}
+    for kernel in (cpu._row_max_vec, cpu_half._f16_to_f32, cpu_vocab._stats_scalar, cpu._xent_prob_kernel.parallel):
+        locator = kernel._cache._impl.locator
+        assert type(locator) in nc.LOCATORS
+        assert locator.get_source_stamp() == nc.source_stamp(nc.kernel_sources())
+    files = [tmp_path / "cpu.py", tmp_path / "cpu_math.py"]
+    for f in files:
+        f.write_text("x = 1\n")
+    before = nc.source_stamp(files)
+    files[1].write_text("x = 22\n")
+    assert nc.source_stamp(files) != before

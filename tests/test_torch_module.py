@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import subprocess
 import sys
 import warnings
@@ -402,6 +403,26 @@ def test_retain_graph_backward_twice_accumulates(gen):
         (ref,) = torch.autograd.grad(F.cross_entropy(x, y), x)
         _close(first, ref, TOL[dtype][1], "first backward")
         _close(x.grad, 4 * first, 1e-6, "four times the gradient after three backwards")
+
+
+def test_backward_makes_no_tensor_of_the_input_size(gen):
+    # The gradient outputs of the ops are non-differentiable; autograd must not fill zeros of their
+    # size for backward (it did: 175 ms of fill at [4096, 32000]), nor scale by a grad_output of 1.
+    from torch.profiler import profile
+
+    rows, classes = int(gen.seed() % 20) + 3, 1000
+    x = _randn(gen, rows, classes).requires_grad_(True)
+    h, w = _randn(gen, rows, 16).requires_grad_(True), _randn(gen, classes, 16).requires_grad_(True)
+    y = torch.randint(0, classes, (rows,), generator=gen)
+    losses = {"cross_entropy": G.cross_entropy(x, y), "mse_loss": G.mse_loss(x, _randn(gen, rows, classes)),
+              "linear_cross_entropy": G.linear_cross_entropy(h, w, y)}
+    for name, loss in losses.items():
+        with profile(record_shapes=True) as prof:
+            loss.backward()
+        big = [(e.name, e.input_shapes) for e in prof.events()
+               if e.name in ("aten::fill_", "aten::zero_", "aten::zeros", "aten::mul", "aten::mul_")
+               and any(len(s) > 0 and math.prod(s) > 1 for s in e.input_shapes if isinstance(s, list))]
+        assert not big, f"{name}: backward ran {big}"
 
 
 def test_double_backward_raises_instead_of_a_silent_zero(gen):

@@ -172,3 +172,54 @@ def test_ignore_index_none_ignores_nothing(xy):
     y[2] = 1
     np.testing.assert_array_equal(gl.softmax_cross_entropy(x, y, ignore_index=None, reduction="none"),
                                   gl.softmax_cross_entropy(x, y, reduction="none"))
+
+
+class _FakeCupy:
+    """An array module with ``cuda`` (what _validate.constant takes for CuPy) that counts fills."""
+
+    def __init__(self):
+        self.fills = []
+        self.current = 0
+        fake = self
+
+        class Device:
+            def __init__(self, device=None):
+                self.id = fake.current if device is None else device
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        self.cuda = type("cuda", (), {"Device": Device})
+
+    def full(self, shape, value, dtype):
+        self.fills.append((self.current, np.dtype(dtype).str, value))
+        return np.full(shape, value, dtype)
+
+
+def test_device_weights_of_none_or_a_number_fill_once_per_device_dtype_and_value():
+    # docs/design.md §4: after the first call, weight=None costs no fill kernel on the device.
+    from gpuloss import _validate as v
+
+    xp = _FakeCupy()
+    shape = (int(np.random.default_rng().integers(2, 50)),)
+    for _ in range(3):
+        values, block = v.weight_layout("weight", None, shape, xp, np.float32)
+        assert values.tolist() == [1.0] and block == shape[0]
+    assert len(xp.fills) == 1
+    first = v.weight_layout("weight", 2.5, shape, xp, np.float32)[0]
+    assert v.weight_layout("weight", 2.5, shape, xp, np.float32)[0] is first
+    assert v.weight_layout("weight", 2.5, shape, xp, np.float64)[0] is not first  # another dtype
+    xp.current = 1
+    assert v.weight_layout("weight", 2.5, shape, xp, np.float32)[0] is not first  # another device
+    assert len(xp.fills) == 4
+    # -0.0 is not 0.0, and a NaN weight finds its own entry again instead of filling every call
+    zero, minus_zero = (v.weight_layout("weight", w, shape, xp, np.float32)[0] for w in (0.0, -0.0))
+    assert np.signbit(minus_zero[0]) and not np.signbit(zero[0])
+    nan = v.weight_layout("weight", float("nan"), shape, xp, np.float32)[0]
+    assert v.weight_layout("weight", float("nan"), shape, xp, np.float32)[0] is nan
+    # on the host every call gets its own array (nothing shared with the caller)
+    a, b = (v.weight_layout("weight", None, shape, np, np.float32)[0] for _ in range(2))
+    assert a is not b

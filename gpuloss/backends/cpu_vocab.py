@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, get_thread_id, njit, prange
 
 from .cpu import _row_max_vec, _row_sum_exp_except, _row_weighted_gap, index_row_terms
 from .cpu_math import exp_nonpositive
@@ -104,7 +104,7 @@ def _vocab_stats_kernel_f32(x, y, cw, start, has_ignore, ignore_index, want_gap,
         rest = np.nan
         gap = 0.0
         if -np.inf < m < np.inf:
-            rest = _row_sum_exp_except(row, m, scratch[n % scratch.shape[0]], False, skip)
+            rest = _row_sum_exp_except(row, m, scratch[get_thread_id() % scratch.shape[0]], skip)
             if want_gap:
                 gap = _row_weighted_gap(row, cw[start:start + v_local], m)
         if rest != rest:  # a NaN or an infinity somewhere: the scalar path, NaN-propagating
@@ -164,9 +164,9 @@ def vocab_stats(x, y, class_weight, start: int, *, ignore_index, label_smoothing
 
 
 def _scratch(rows: int, v_local: int, dt):
-    # e_out of _row_sum_exp_except is never written with store=False, but must not alias the row
-    # (LLVM's alias check would fall back to scalar code): one row that every thread passes along.
-    return np.empty((1, max(v_local, 1)), dt)
+    # e_out of _row_sum_exp_except: a row per thread (it is written), apart from the logits (an
+    # e_out that may alias the row makes LLVM's alias check fall back to scalar code).
+    return np.empty((max(1, min(get_num_threads(), rows)), max(v_local, 1)), dt)
 
 
 def combine_partials(xp, m_local, m_global, packed, cw_shard_sum: float):
