@@ -52,6 +52,25 @@ def rng(request):
     return np.random.default_rng([SESSION_SEED, *key])
 
 
+# Split rows at test sizes. The emulator runs one OS thread per CUDA thread, so a launch costs about
+# its number of blocks (~10 ms per 128-thread block), whatever the classes: at the real constants a
+# split row needs C > 4096 (slices of >= SPLIT_MIN_SLICE) and C = 131072 makes 32 blocks a row.
+# With slices of >= 1024 classes (still two 16-byte-vector sweeps of a 128-thread block, and a
+# multiple of SPLIT_ALIGN) and SPLIT_MAX_ROWS = 16 (7 rows of C = 5003 get 3 slices, not the 5 that C
+# asks for: the row cap), C of a few thousand takes every branch of xent_split and of the split
+# kernels in kernels/xent.cu, in a tenth of the blocks.
+SMALL_SPLIT_MIN_SLICE, SMALL_SPLIT_MAX_ROWS = 1024, 16
+
+
+def small_split_slices(monkeypatch):
+    """Lower launch.py's split thresholds for this test (xent_split reads them at every call)."""
+    from gpuloss.backends import launch
+
+    monkeypatch.setattr(launch, "SPLIT_MIN_SLICE", SMALL_SPLIT_MIN_SLICE)
+    monkeypatch.setattr(launch, "SPLIT_MAX_ROWS", SMALL_SPLIT_MAX_ROWS)
+    return launch
+
+
 def to_backend(backend: str, a):
     if backend == "cuda" and isinstance(a, np.ndarray):
         import cupy

@@ -30,6 +30,8 @@ import pytest
 import gpuloss as gl
 from gpuloss.backends import launch
 
+from .conftest import small_split_slices
+
 needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="the emulated backend needs g++")
 
 REDUCTIONS = ("none", "mean", "sum", "sum_over_batch_size", "sum_by_nonzero_weights", "batch_size")
@@ -147,15 +149,28 @@ def _xent_case(shape, axis, target_kind, options, rng):
     return logits, target, options
 
 
+# (shape, axis, split thresholds lowered by conftest.small_split_slices) for each launch variant. The
+# split ones: 2 rows of 2 slices (1024 and 976 classes), 4 blocks a launch (the emulator's cost);
+# at the real thresholds (slices of >= 4096 classes, 9 and 12 blocks) in the slow pass, for one
+# target kind (test_empty_batches_and_all_ignored_rows_launch_no_more counts them there too).
+_XENT_SHAPES = {"warp": ((5, 40), -1, False), "block": ((3, 1500), -1, False), "strided": ((2, 5, 3), 1, False),
+                "split": ((2, 2000), -1, True), "split-strided": ((1, 2000, 2), 1, True)}
+_XENT_CASES = [pytest.param(*_XENT_SHAPES[name], kind, id=f"{kind}-{name}")
+               for kind in ("int64", "int32", "prob") for name in _XENT_SHAPES]
+_XENT_CASES += [pytest.param((3, 9000), -1, False, "int64", id="int64-split-4096", marks=pytest.mark.slow),
+                pytest.param((2, 8200, 2), 1, False, "int64", id="int64-split-strided-4096",
+                             marks=pytest.mark.slow)]
+
+
 @needs_gxx
-@pytest.mark.parametrize("shape,axis", [((5, 40), -1), ((3, 1500), -1), ((2, 5, 3), 1), ((3, 9000), -1),
-                                        ((2, 8200, 2), 1)],
-                         ids=["warp", "block", "strided", "split", "split-strided"])
-@pytest.mark.parametrize("target_kind", ["int64", "int32", "prob"])
-def test_cross_entropy_is_at_most_two_launches(shape, axis, target_kind, monkeypatch, rng):
+@pytest.mark.parametrize("shape,axis,small_slices,target_kind", _XENT_CASES)
+def test_cross_entropy_is_at_most_two_launches(shape, axis, small_slices, target_kind, monkeypatch, rng):
+    if small_slices:
+        small_split_slices(monkeypatch)
     classes = shape[axis]
     rows = int(np.prod(shape)) // classes
     split = launch.xent_launch(rows, classes, 1)[0] == "split"  # statistics, then gradient: always two
+    assert split == (small_slices or classes > 4096)  # each case takes the variant it is named for
     with recording(monkeypatch) as rec:
         for reduction, options in itertools.product(REDUCTIONS, _OPTIONS):
             logits, target, kw = _xent_case(shape, axis, target_kind, options, rng)
