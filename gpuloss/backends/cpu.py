@@ -36,6 +36,10 @@ F32_ZERO = np.float32(0.0)
 # vector lanes (a fixed order for a given build), ``contract`` allows FMA.  No
 # flag assumes the absence of NaN or inf.
 _VEC = {"reassoc", "contract"}
+# Options of the separately compiled vector sweeps. error_model="numpy" as for the kernels (see
+# _KernelPair): with Python's, each division checks for zero and raises, and that branch kept
+# _lanes_log scalar (7 ns per log against about 1).
+_SWEEP = {"cache": True, "fastmath": _VEC, "error_model": "numpy"}
 
 # Below this many elements a kernel runs on the calling thread only: waking
 # the thread pool costs more than the work (milliseconds on a busy 2-core
@@ -413,7 +417,7 @@ def _xent_index_kernel(x, y, w_row, class_weight, has_ignore, ignore_index, eps,
 # about NaN or inf.
 
 
-@njit(cache=True, fastmath=_VEC)
+@njit(**_SWEEP)
 def _row_max_vec(row):
     m = row[0]
     for c in range(row.size):
@@ -421,7 +425,7 @@ def _row_max_vec(row):
     return m
 
 
-@njit(cache=True, fastmath=_VEC)
+@njit(**_SWEEP)
 def _row_sum_exp_except(row, m, e_out, skip):
     """sum_{c != skip} exp(row_c - m), each e_c also written to e_out: float32 blocks of SUM_BLOCK
     added into float64.
@@ -444,7 +448,7 @@ def _row_sum_exp_except(row, m, e_out, skip):
     return s
 
 
-@njit(cache=True, fastmath=_VEC)
+@njit(**_SWEEP)
 def _row_weighted_gap(row, class_weight, m):
     """sum_c cw_c (m - row_c): every term >= 0, float32 blocks into float64."""
     s = 0.0
@@ -457,7 +461,7 @@ def _row_weighted_gap(row, class_weight, m):
     return s
 
 
-@njit(cache=True, fastmath=_VEC)
+@njit(**_SWEEP)
 def _row_finish_grad(g, coef, b, class_weight, has_class_weight):
     """g_c <- coef * g_c - b * cw_c (b = 0 without label smoothing)."""
     if b == 0:
@@ -580,7 +584,7 @@ def _lanes_transpose_in(x, nr, xt):
 # with more, LLVM's runtime alias checks give up and the loop stays scalar.
 
 
-@njit(cache=True, fastmath=_VEC)
+@njit(**_SWEEP)
 def _lanes_max(xt, nr, m):
     for r in range(nr):
         m[r] = xt[0, r]
@@ -589,7 +593,7 @@ def _lanes_max(xt, nr, m):
             m[r] = maxnum(m[r], xt[c, r])
 
 
-@njit(cache=True, fastmath=_VEC)
+@njit(**_SWEEP)
 def _lanes_gap(xt, nr, cw, m, gap):
     """gap = sum_c cw_c (m - x_c), for label smoothing (before xt is overwritten by e)."""
     for r in range(nr):
@@ -600,7 +604,7 @@ def _lanes_gap(xt, nr, cw, m, gap):
             gap[r] += cw_c * (m[r] - xt[c, r])
 
 
-@njit(cache=True, fastmath=_VEC)
+@njit(**_SWEEP)
 def _lanes_exp(xt, nr, m, s):
     """e_c = exp(x_c - m) over xt, s = sum_c e_c."""
     for r in range(nr):
@@ -612,7 +616,7 @@ def _lanes_exp(xt, nr, m, s):
             s[r] += e
 
 
-@njit(cache=True, fastmath=_VEC)
+@njit(**_SWEEP)
 def _lanes_rest(et, nr, yb, rest):
     """rest = sum_{c != y} e_c, summed apart from s: when y holds the max, 1 + rest would lose rest."""
     for r in range(nr):
@@ -626,20 +630,20 @@ def _lanes_rest(et, nr, yb, rest):
 # same reason. lse = m + log s; a = g (1-eps) cw_y, b = g eps / C, zc = 2 g cw_y z_loss lse, g = scale w.
 
 
-@njit(cache=True, fastmath=_VEC)
+@njit(**_SWEEP)
 def _lanes_log(s, nr, log_s):
     for r in range(nr):
         log_s[r] = log_f32(s[r])
 
 
-@njit(cache=True, fastmath=_VEC)
+@njit(**_SWEEP)
 def _lanes_nll(x_y, m, rest, log_s, nr, nll):
     """-logp_y: log1p(rest) when y holds the max (a confident row's tiny loss), else (m - x_y) + log s."""
     for r in range(nr):
         nll[r] = log1p_f32(rest[r]) if x_y[r] == m[r] else (m[r] - x_y[r]) + log_s[r]
 
 
-@njit(cache=True, fastmath=_VEC)
+@njit(**_SWEEP)
 def _lanes_loss(nll, log_s, gap, m, cw_y, w, nr, eps, smooth_coef, cw_sum, z_loss, loss, z):
     one = np.float32(1.0)
     for r in range(nr):
@@ -650,7 +654,7 @@ def _lanes_loss(nll, log_s, gap, m, cw_y, w, nr, eps, smooth_coef, cw_sum, z_los
         loss[r] = w[r] * ((one - eps) * cw_y[r] * nll[r] + smooth) + zr
 
 
-@njit(cache=True, fastmath=_VEC)
+@njit(**_SWEEP)
 def _lanes_grad_coef(s, m, log_s, cw_y, w, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale, coef):
     """(a + b sum(cw) + zc) / s: the factor of e_c in every gradient entry."""
     one = np.float32(1.0)
@@ -660,7 +664,7 @@ def _lanes_grad_coef(s, m, log_s, cw_y, w, nr, eps, smooth_coef, cw_sum, z_loss,
         coef[r] = (g * (one - eps) * cw_y[r] + g * smooth_coef * cw_sum + zc) / s[r]
 
 
-@njit(cache=True, fastmath=_VEC)
+@njit(**_SWEEP)
 def _lanes_grad_y(rest, s, x_y, m, log_s, cw_y, w, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale, grad_y):
     """The target's entry: a (p_y - 1) = -a rest / s, no cancellation when p_y is close to 1."""
     one = np.float32(1.0)
@@ -688,15 +692,19 @@ def _make_xent_index_kernel_lanes(store: int):
     """
 
     def kernel(x, y, w_row, class_weight, has_ignore, ignore_index, eps, z_loss, grad_scale, want_grad, want_z,
-               loss_out, z_out, grad_out):
+               loss_out, z_out, grad_out, slots):
         rows, classes = x.shape
         cw_sum = F32_ZERO
         for c in range(classes):
             cw_sum += class_weight[c]
         smooth_coef = eps / np.float32(classes)
-        for blk in prange((rows + LANE_ROWS - 1) // LANE_ROWS):
-            r0 = blk * LANE_ROWS
-            nr = min(LANE_ROWS, rows - r0)
+        # Blocks of LANE_ROWS rows in a fixed place whatever the thread count; each of `slots` workers
+        # takes a contiguous share of them with its own scratch, allocated once: allocating it per
+        # block inside prange made the parallel kernel 4x slower than the serial one (allocator
+        # contention between the threads).
+        blocks = (rows + LANE_ROWS - 1) // LANE_ROWS
+        share = (blocks + slots - 1) // slots
+        for k in prange(slots):
             xt = np.empty((classes, LANE_ROWS), np.float32)
             m = np.empty(LANE_ROWS, np.float32)
             s = np.empty(LANE_ROWS, np.float32)
@@ -712,60 +720,65 @@ def _make_xent_index_kernel_lanes(store: int):
             loss_b = np.empty(LANE_ROWS, np.float32)
             z_b = np.empty(LANE_ROWS, np.float32)
             yb = np.empty(LANE_ROWS, np.int64)
-            # xf, gf: this block's rows of logits and gradient as float32 (the arrays themselves, or
-            # scratch for 16-bit storage)
-            if store == STORE_F32:
-                xf = x[r0:r0 + nr]
-                gf = grad_out[r0:r0 + nr] if want_grad else grad_out
-            else:
-                xf = np.empty((nr, classes), np.float32)
-                gf = np.empty((nr if want_grad else 1, classes), np.float32)
-                _decode_rows(x, r0, nr, store, xf)
-            for r in range(nr):
-                yr = y[r0 + r]
-                yb[r] = yr
-                yc = min(max(yr, 0), classes - 1)  # clamped: an invalid row is redone below
-                x_y[r] = xf[r, yc]
-                cw_y[r] = class_weight[yc]
-                w_b[r] = w_row[r0 + r]
-            _lanes_transpose_in(xf, nr, xt)
-            _lanes_max(xt, nr, m)
-            if eps != F32_ZERO:
-                _lanes_gap(xt, nr, class_weight, m, gap)
-            _lanes_exp(xt, nr, m, s)
-            _lanes_rest(xt, nr, yb, rest)
-            _lanes_log(s, nr, log_s)
-            _lanes_nll(x_y, m, rest, log_s, nr, nll)
-            _lanes_loss(nll, log_s, gap, m, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, loss_b, z_b)
-            for r in range(nr):
-                loss_out[r0 + r] = loss_b[r]
-            if want_z:
+            x_half = np.empty((LANE_ROWS if store != STORE_F32 else 0, classes), np.float32)
+            g_half = np.empty((LANE_ROWS if store != STORE_F32 else 0, classes), np.float32)
+            for blk in range(k * share, min(blocks, (k + 1) * share)):
+                r0 = blk * LANE_ROWS
+                nr = min(LANE_ROWS, rows - r0)
+                # xf, gf: this block's rows of logits and gradient as float32 (the arrays themselves, or
+                # scratch for 16-bit storage)
+                if store == STORE_F32:
+                    xf = x[r0:r0 + nr]
+                    gf = grad_out[r0:r0 + nr] if want_grad else grad_out
+                else:
+                    xf = x_half[:nr]
+                    gf = g_half[:nr if want_grad else 1]
+                    _decode_rows(x, r0, nr, store, xf)
                 for r in range(nr):
-                    z_out[r0 + r] = z_b[r]
-            if want_grad:
-                _lanes_grad_coef(s, m, log_s, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale, coef)
-                _lanes_grad_y(rest, s, x_y, m, log_s, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale,
-                              grad_y)
-                # b = grad_scale * w_r * eps / C depends on the row only through w_r: a row-wise weight is
-                # folded into coef for the p-term, and the -b cw_c term below takes w from each row.
+                    yr = y[r0 + r]
+                    yb[r] = yr
+                    yc = min(max(yr, 0), classes - 1)  # clamped: an invalid row is redone below
+                    x_y[r] = xf[r, yc]
+                    cw_y[r] = class_weight[yc]
+                    w_b[r] = w_row[r0 + r]
+                _lanes_transpose_in(xf, nr, xt)
+                _lanes_max(xt, nr, m)
+                if eps != F32_ZERO:
+                    _lanes_gap(xt, nr, class_weight, m, gap)
+                _lanes_exp(xt, nr, m, s)
+                _lanes_rest(xt, nr, yb, rest)
+                _lanes_log(s, nr, log_s)
+                _lanes_nll(x_y, m, rest, log_s, nr, nll)
+                _lanes_loss(nll, log_s, gap, m, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, loss_b, z_b)
                 for r in range(nr):
-                    b = grad_scale * w_b[r] * smooth_coef
-                    cr = coef[r]
-                    for c in range(classes):
-                        gf[r, c] = cr * xt[c, r] - b * class_weight[c]
-                for r in range(nr):
+                    loss_out[r0 + r] = loss_b[r]
+                if want_z:
+                    for r in range(nr):
+                        z_out[r0 + r] = z_b[r]
+                if want_grad:
+                    _lanes_grad_coef(s, m, log_s, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale, coef)
+                    _lanes_grad_y(rest, s, x_y, m, log_s, cw_y, w_b, nr, eps, smooth_coef, cw_sum, z_loss, grad_scale,
+                                  grad_y)
+                    # b = grad_scale * w_r * eps / C depends on the row only through w_r: a row-wise weight is
+                    # folded into coef for the p-term, and the -b cw_c term below takes w from each row.
+                    for r in range(nr):
+                        b = grad_scale * w_b[r] * smooth_coef
+                        cr = coef[r]
+                        for c in range(classes):
+                            gf[r, c] = cr * xt[c, r] - b * class_weight[c]
+                    for r in range(nr):
+                        yr = yb[r]
+                        if 0 <= yr < classes:
+                            gf[r, yr] = grad_y[r]
+                for r in range(nr):  # the rows the lanes cannot take, by the scalar code
                     yr = yb[r]
-                    if 0 <= yr < classes:
-                        gf[r, yr] = grad_y[r]
-            for r in range(nr):  # the rows the lanes cannot take, by the scalar code
-                yr = yb[r]
-                if has_ignore and yr == ignore_index:
-                    _ignored_row(r, r0 + r, want_grad, want_z, loss_out, z_out, gf)
-                elif not (-np.inf < m[r] < np.inf) or s[r] != s[r] or yr < 0 or yr >= classes:
-                    _xent_index_row(xf, r, yr, w_b[r], class_weight, np.float64(cw_sum), eps, z_loss, grad_scale,
-                                    want_grad, want_z, loss_out, z_out, r0 + r, gf)
-            if store != STORE_F32 and want_grad:
-                _encode_rows(gf, nr, store, grad_out, r0)
+                    if has_ignore and yr == ignore_index:
+                        _ignored_row(r, r0 + r, want_grad, want_z, loss_out, z_out, gf)
+                    elif not (-np.inf < m[r] < np.inf) or s[r] != s[r] or yr < 0 or yr >= classes:
+                        _xent_index_row(xf, r, yr, w_b[r], class_weight, np.float64(cw_sum), eps, z_loss, grad_scale,
+                                        want_grad, want_z, loss_out, z_out, r0 + r, gf)
+                if store != STORE_F32 and want_grad:
+                    _encode_rows(gf, nr, store, grad_out, r0)
 
     kernel.__name__ = kernel.__qualname__ = f"_xent_index_kernel_lanes_store{store}"
     return parallel_kernel(fastmath=_VEC)(kernel)
@@ -885,7 +898,8 @@ class CpuBackend:
             grad_scale = _scalar(float(host.inverse(denom)), dt.compute)
             if dt.compute == np.float32 and plan.classes <= LANES_MAX_CLASSES:
                 _XENT_LANES[store](x.size, x, y, w_row, cw, has_ignore, ignore_index, eps, z_loss, grad_scale,
-                                   plan.return_grad, plan.return_z_loss, loss_rows, z_rows, grad)
+                                   plan.return_grad, plan.return_z_loss, loss_rows, z_rows, grad,
+                                   max(1, min(get_num_threads(), -(-rows // LANE_ROWS))))
             elif dt.compute == np.float32:
                 _XENT_F32[store](x.size, x, y, w_row, cw, plan.has_class_weight, has_ignore, ignore_index, eps,
                                  z_loss, grad_scale, plan.return_grad, plan.return_z_loss, loss_rows, z_rows, grad,

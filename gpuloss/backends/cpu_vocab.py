@@ -37,7 +37,7 @@ import math
 import numpy as np
 from numba import get_num_threads, get_thread_id, njit, prange
 
-from .cpu import _row_max_vec, _row_sum_exp_except, _row_weighted_gap, index_row_terms
+from .cpu import _SWEEP, _row_max_vec, _row_sum_exp_except, _row_weighted_gap, index_row_terms
 from .cpu_math import exp_nonpositive
 
 REST, XY, GAP = 0, 1, 2
@@ -181,7 +181,7 @@ def combine_partials(xp, m_local, m_global, packed, cw_shard_sum: float):
     return packed
 
 
-@njit(cache=True, fastmath={"reassoc", "contract"})
+@njit(**_SWEEP)
 def _grad_row_f32(row, g_out, m, coef_over_s, b, cw_shard):
     """g_c = coef/s * exp(x_c - m) - b cw_c over a float32 row, cpu_math's vectorised exp."""
     for c in range(row.size):
