@@ -838,6 +838,13 @@ def _elementwise_kernel(name: str, fast: bool, x_store: int, t_store: int):
     return _make_elementwise_kernel(name, ELEMENTWISE_KIND[name], fast, x_store, t_store)
 
 
+def _kernel_array(a):
+    """A small auxiliary array (weights) as a writable C-contiguous one, copied only when it is not:
+    Numba compiles a kernel again for every layout and read-only flag of an argument, and a
+    broadcast or read-only weight vector would cost one more compile of each kernel it reaches."""
+    return np.require(a, requirements=("C", "W"))
+
+
 def _scalar(value, dtype):
     return np.dtype(dtype).type(value)
 
@@ -882,8 +889,8 @@ class CpuBackend:
         if plan.softcap:  # Gemma 2: the kernels see s * tanh(x / s); a new array, the input is untouched
             x = (plan.softcap * np.tanh(x / dt.compute.type(plan.softcap))).astype(dt.compute, copy=False)
         rows = plan.rows
-        w_row = host.per_row(w_values, plan.reduce.weight_block, rows)
-        cw = class_weight if class_weight is not None else np.ones(plan.classes, dt.compute)
+        w_row = _kernel_array(host.per_row(w_values, plan.reduce.weight_block, rows))
+        cw = _kernel_array(class_weight) if class_weight is not None else np.ones(plan.classes, dt.compute)
         loss_rows = np.empty(rows, dt.compute)
         z_rows = np.empty(rows if plan.return_z_loss else 1, dt.compute)
         # Without a gradient, one row stands in for it (the kernels never write it then).
@@ -927,7 +934,7 @@ class CpuBackend:
         dt = plan.dtypes
         x, x_store = _flat_operand(pred, dt)
         t, t_store = _flat_operand(target, dt)
-        pw = np.ones(1, dt.compute) if pos_weight is None else pos_weight
+        pw = np.ones(1, dt.compute) if pos_weight is None else _kernel_array(pos_weight)
         return self._run_elementwise(plan.loss, plan.reduce, dt, x, x_store, t, t_store, w_values, pw,
                                      plan.pos_weight_period, plan.param, plan.return_grad, pred.shape)
 
@@ -949,7 +956,7 @@ class CpuBackend:
         partials = np.empty(math.ceil(size / CHUNK), np.float64)
         fast = dt.compute == np.float32 and ELEMENTWISE_KIND[kind] in _FAST_KINDS
         _elementwise_kernel(kind, fast, x_store, t_store)(
-            size, x, t, w_values, reduce.weight_block, pw, pw_period, _scalar(param, dt.compute),
+            size, x, t, _kernel_array(w_values), reduce.weight_block, pw, pw_period, _scalar(param, dt.compute),
             _scalar(scale, dt.compute), want_loss, return_grad, loss_out, grad, partials)
         if want_loss:
             loss = loss_out.reshape(reduce.loss_shape).astype(dt.loss, copy=False)
@@ -965,7 +972,7 @@ class CpuBackend:
         dt = plan.dtypes
         p = host.rows_last(pred, plan.outer, plan.length, plan.inner, dt.compute)
         t = host.rows_last(target, plan.outer, plan.length, plan.inner, dt.compute)
-        w_row = host.per_row(w_values, plan.reduce.weight_block, plan.rows)
+        w_row = _kernel_array(host.per_row(w_values, plan.reduce.weight_block, plan.rows))
         denom = host.denominator(plan.reduce, w_values=w_values)
         scale = float(host.inverse(denom))
         loss_rows = np.empty(plan.rows, dt.compute)
