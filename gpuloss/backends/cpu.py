@@ -838,6 +838,31 @@ def _elementwise_kernel(name: str, fast: bool, x_store: int, t_store: int):
     return _make_elementwise_kernel(name, ELEMENTWISE_KIND[name], fast, x_store, t_store)
 
 
+@njit(cache=True, error_model="numpy")
+def _index_weight_total(y, w_row, class_weight, has_ignore, ignore_index, count_nonzero):
+    """Sum (or count of the non-zeros) of w[n] = weight[n] * cw[y[n]], weight[n] alone for a target
+    outside [0, C), 0 where ignored: host.index_target_weights reduced in one pass."""
+    classes = class_weight.shape[0]
+    total = 0.0
+    for n in range(y.size):
+        yn = y[n]
+        if has_ignore and yn == ignore_index:
+            continue
+        w = w_row[n] * class_weight[yn] if 0 <= yn < classes else w_row[n]
+        total += (1.0 if w != 0 else 0.0) if count_nonzero else np.float64(w)
+    return total
+
+
+def _index_target_denominator(reduce, y, w_row, class_weight, has_ignore: bool, ignore_index: int):
+    """host.denominator with per-measurement weights of class-index targets, without building them
+    (NumPy's seven passes cost 0.5 ms at 65536 rows, half the kernel's time at C = 10)."""
+    mode, number = host.denominator_rule(reduce)
+    if mode == host.DENOM_CONSTANT:
+        return np.float64(number)
+    total = _index_weight_total(y, w_row, class_weight, has_ignore, ignore_index, mode == host.DENOM_NONZERO)
+    return np.float64(total) * number
+
+
 def _kernel_array(a):
     """A small auxiliary array (weights) as a writable C-contiguous one, copied only when it is not:
     Numba compiles a kernel again for every layout and read-only flag of an argument, and a
@@ -901,7 +926,7 @@ class CpuBackend:
         ignore_index = plan.ignore_index if has_ignore else 0
         if plan.index_target:
             y = host.class_indices(target)
-            denom = host.denominator(plan.reduce, w_meas=host.index_target_weights(y, w_row, cw, plan.ignore_index))
+            denom = _index_target_denominator(plan.reduce, y, w_row, cw, has_ignore, ignore_index)
             grad_scale = _scalar(float(host.inverse(denom)), dt.compute)
             if dt.compute == np.float32 and plan.classes <= LANES_MAX_CLASSES:
                 _XENT_LANES[store](x.size, x, y, w_row, cw, has_ignore, ignore_index, eps, z_loss, grad_scale,
