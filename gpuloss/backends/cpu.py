@@ -883,11 +883,17 @@ def _flat_operand(a, dt):
     return host.astype(a.reshape(-1), dt.compute), STORE_F32
 
 
+def thread_slots(items: int) -> int:
+    """How many workers (each with its own scratch) share ``items`` units of work: one per Numba
+    thread, no more than there are units, at least one."""
+    return max(1, min(get_num_threads(), items))
+
+
 def _xent_scratch(store: int, rows: int, classes: int, want_grad: bool):
     """Float32 scratch of _make_xent_index_kernel_f32, one slot per thread: for 16-bit rows, room
     for a chunk of rows and of their gradient; for float32 rows, one spare row for the e_c when no
     gradient is wanted (a placeholder otherwise)."""
-    slots = max(1, min(get_num_threads(), rows))
+    slots = thread_slots(rows)
     if store == STORE_F32:
         return np.empty((1, 1, 1, 1) if want_grad else (slots, 1, 1, max(classes, 1)), np.float32)
     # At least 2 rows, even for one row of input: with room for a single row the same loops ran 2.2x
@@ -931,7 +937,7 @@ class CpuBackend:
             if dt.compute == np.float32 and plan.classes <= LANES_MAX_CLASSES:
                 _XENT_LANES[store](x.size, x, y, w_row, cw, has_ignore, ignore_index, eps, z_loss, grad_scale,
                                    plan.return_grad, plan.return_z_loss, loss_rows, z_rows, grad,
-                                   max(1, min(get_num_threads(), -(-rows // LANE_ROWS))))
+                                   thread_slots(-(-rows // LANE_ROWS)))
             elif dt.compute == np.float32:
                 _XENT_F32[store](x.size, x, y, w_row, cw, plan.has_class_weight, has_ignore, ignore_index, eps,
                                  z_loss, grad_scale, plan.return_grad, plan.return_z_loss, loss_rows, z_rows, grad,

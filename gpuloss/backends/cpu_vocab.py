@@ -35,9 +35,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import get_num_threads, get_thread_id, njit, prange
+from numba import get_thread_id, njit, prange
 
-from .cpu import _SWEEP, _row_max_vec, _row_sum_exp_except, _row_weighted_gap, index_row_terms
+from .cpu import (_SWEEP, _row_max_vec, _row_sum_exp_except, _row_weighted_gap, index_row_terms,
+                  thread_slots)
 from .cpu_math import exp_nonpositive
 
 REST, XY, GAP = 0, 1, 2
@@ -166,7 +167,7 @@ def vocab_stats(x, y, class_weight, start: int, *, ignore_index, label_smoothing
 def _scratch(rows: int, v_local: int, dt):
     # e_out of _row_sum_exp_except: a row per thread (it is written), apart from the logits (an
     # e_out that may alias the row makes LLVM's alias check fall back to scalar code).
-    return np.empty((max(1, min(get_num_threads(), rows)), max(v_local, 1)), dt)
+    return np.empty((thread_slots(rows), max(v_local, 1)), dt)
 
 
 def combine_partials(xp, m_local, m_global, packed, cw_shard_sum: float):
